@@ -1,0 +1,15 @@
+//! tollgate: an AI gateway whose live event stream is its heart.
+//!
+//! The library holds everything; `src/main.rs` is only the command line, so
+//! tests, benchmarks and load tools reuse the same code.
+
+pub mod admin;
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod health;
+pub mod server;
+pub mod store;
+
+/// This build's version, reported by `/health` and `system.startup`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,264 @@
+//! The `tollgate` command line: `serve`, `keys`, `config check`.
+//! Everything it does is in the library; this file only parses arguments,
+//! sets up logging and maps failures to exit codes (2 = bad configuration).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tollgate::config::{self, Config, ConfigError};
+use tollgate::store::{Store, StoreError};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tollgate",
+    version,
+    about = "An AI gateway with a live event stream"
+)]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Serve {
+        /// Configuration file; defaults to ./tollgate.toml if present, else built-in defaults.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Create, list and revoke API keys in the gateway's database.
+    Keys {
+        /// Configuration file naming the database (as for `serve`).
+        #[arg(long, short, global = true)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Work with configuration files.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysCommand {
+    /// Create a key; the key is printed alone on the last line of stdout.
+    Create {
+        #[arg(long)]
+        name: String,
+        /// May use the admin API and see every key's events.
+        #[arg(long)]
+        admin: bool,
+        /// Lifetime such as 30d, 12h or 90m; no expiry when omitted.
+        #[arg(long, value_name = "DURATION")]
+        expires_in: Option<String>,
+    },
+    /// List keys (never the keys themselves).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a key by id or display prefix.
+    Revoke {
+        #[arg(value_name = "ID_OR_PREFIX")]
+        key: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Validate a file and print the effective configuration, secrets masked.
+    Check { file: PathBuf },
+}
+
+/// A failure and the exit code it deserves.
+enum Failure {
+    Config(ConfigError),
+    Other(anyhow::Error),
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Self {
+        Failure::Other(e)
+    }
+}
+
+impl From<StoreError> for Failure {
+    fn from(e: StoreError) -> Self {
+        Failure::Other(e.into())
+    }
+}
+
+impl From<ConfigError> for Failure {
+    fn from(e: ConfigError) -> Self {
+        Failure::Config(e)
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format, matches!(cli.command, Command::Serve { .. }));
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Config(e)) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Other(e)) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat, serving: bool) {
+    let default = if serving { "info" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn run(command: Command) -> Result<(), Failure> {
+    match command {
+        Command::Serve { config } => serve(config.as_deref()).await,
+        Command::Keys { config, command } => keys(config.as_deref(), command).await,
+        Command::Config {
+            command: ConfigCommand::Check { file },
+        } => {
+            let config = config::load(Some(&file))?;
+            print!("{}", config.to_masked_toml());
+            eprintln!("{}: configuration is valid", file.display());
+            Ok(())
+        }
+    }
+}
+
+fn load_config(explicit: Option<&Path>) -> Result<(Config, Option<PathBuf>), Failure> {
+    let path = config::resolve_path(explicit);
+    let config = config::load(path.as_deref())?;
+    Ok((config, path))
+}
+
+async fn serve(explicit: Option<&Path>) -> Result<(), Failure> {
+    let (config, path) = load_config(explicit)?;
+    match &path {
+        Some(path) => tracing::info!(file = %path.display(), "configuration loaded"),
+        None => tracing::info!("no configuration file; using built-in defaults"),
+    }
+    let server = tollgate::server::Server::bind(config, path).await?;
+    if let Some(key) = &server.bootstrap_key {
+        eprintln!(
+            "\n  The database had no API keys, so an admin key named `bootstrap` was created.\n  It is shown this once and cannot be recovered; store it now:\n\n      {}\n",
+            key.expose()
+        );
+    }
+    server.run(tollgate::server::shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn keys(explicit: Option<&Path>, command: KeysCommand) -> Result<(), Failure> {
+    let (config, _) = load_config(explicit)?;
+    let store = Store::connect(&config.database.url).await?;
+    let result = keys_command(&store, command).await;
+    store.close().await;
+    result
+}
+
+async fn keys_command(store: &Store, command: KeysCommand) -> Result<(), Failure> {
+    match command {
+        KeysCommand::Create {
+            name,
+            admin,
+            expires_in,
+        } => {
+            let name = tollgate::auth::validate_key_name(&name).map_err(anyhow::Error::msg)?;
+            let expires_at = expires_in
+                .as_deref()
+                .map(tollgate::auth::expiry_after)
+                .transpose()
+                .map_err(anyhow::Error::msg)?;
+            let (record, secret) =
+                tollgate::auth::issue_api_key(store, name, admin, expires_at).await?;
+            println!(
+                "created {} key `{}` (id {}, prefix {}){}",
+                if record.admin { "admin" } else { "API" },
+                record.name,
+                record.id,
+                record.prefix,
+                record
+                    .expires_at
+                    .map(|at| format!(", expires {}", at.to_rfc3339()))
+                    .unwrap_or_default()
+            );
+            println!("store it now: it cannot be shown again.");
+            println!("{}", secret.expose());
+        }
+        KeysCommand::List { json } => {
+            let keys = store.list_api_keys().await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&keys).map_err(anyhow::Error::from)?
+                );
+            } else {
+                println!(
+                    "{:<36}  {:<14}  {:<5}  {:<8}  {:<20}  NAME",
+                    "ID", "PREFIX", "ADMIN", "STATE", "CREATED"
+                );
+                let now = chrono::Utc::now();
+                for key in keys {
+                    let state = if key.is_revoked() {
+                        "revoked"
+                    } else if key.is_expired(now) {
+                        "expired"
+                    } else {
+                        "active"
+                    };
+                    println!(
+                        "{:<36}  {:<14}  {:<5}  {:<8}  {:<20}  {}",
+                        key.id,
+                        key.prefix,
+                        if key.admin { "yes" } else { "no" },
+                        state,
+                        key.created_at.format("%Y-%m-%d %H:%M:%S"),
+                        key.name
+                    );
+                }
+            }
+        }
+        KeysCommand::Revoke { key } => {
+            let found = store.find_api_key_by_id_or_prefix(&key).await?;
+            let record = store.revoke_api_key(found.id).await?;
+            println!(
+                "revoked key `{}` (id {}, prefix {})",
+                record.name, record.id, record.prefix
+            );
+        }
+    }
+    Ok(())
+}
