@@ -1,0 +1,10 @@
+//! The live event stream: typed events ([`model`]), the hub that stamps,
+//! serialises once, keeps and broadcasts them ([`hub`]), who may see what
+//! ([`visibility`]), and the transports that deliver them.
+
+pub mod hub;
+pub mod model;
+pub mod visibility;
+
+pub use hub::{EventHub, StoredEvent, Subscription};
+pub use model::{EventPayload, EventType, Topic};
