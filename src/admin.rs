@@ -8,8 +8,9 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use crate::auth::{self, AdminAuth};
+use crate::auth::{self, AdminAuth, KeyIdentity};
 use crate::error::ApiError;
+use crate::events::model::AdminAction;
 use crate::server::AppState;
 use crate::store::StoreError;
 
@@ -29,7 +30,7 @@ pub struct CreateKeyRequest {
 /// `POST /admin/v1/keys`: the new key is in the answer, and only there.
 pub async fn create_key(
     State(state): State<AppState>,
-    AdminAuth(_admin): AdminAuth,
+    AdminAuth(admin): AdminAuth,
     body: Result<Json<CreateKeyRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let Json(request) = body.map_err(|e| ApiError::bad_request("invalid_body", e.body_text()))?;
@@ -56,6 +57,7 @@ pub async fn create_key(
     let (record, secret) = auth::issue_api_key(&state.store, name, request.admin, expires_at)
         .await
         .map_err(|e| ApiError::store(&e))?;
+    record_action(&state, &admin, "key.created", &record.id.to_string()).await?;
     let mut body = serde_json::to_value(&record).map_err(|e| ApiError::internal(e.to_string()))?;
     body["key"] = Value::String(secret.expose().to_owned());
     Ok((StatusCode::CREATED, Json(body)))
@@ -77,7 +79,7 @@ pub async fn list_keys(
 /// `DELETE /admin/v1/keys/{id}`: revokes the key; revoking twice is harmless.
 pub async fn revoke_key(
     State(state): State<AppState>,
-    AdminAuth(_admin): AdminAuth,
+    AdminAuth(admin): AdminAuth,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let id = Uuid::parse_str(&id).map_err(|_| {
@@ -87,7 +89,50 @@ pub async fn revoke_key(
         StoreError::NotFound(m) => ApiError::not_found("key_not_found", m),
         e => ApiError::store(&e),
     })?;
+    state.revocations.notify(record.id);
+    record_action(&state, &admin, "key.revoked", &record.id.to_string()).await?;
     Ok(Json(
         serde_json::to_value(&record).map_err(|e| ApiError::internal(e.to_string()))?,
     ))
+}
+
+/// `POST /admin/v1/config/reload`: 200 with the changed sections, or 400
+/// with the configuration error (the old configuration stays in force).
+pub async fn reload_config(
+    State(state): State<AppState>,
+    AdminAuth(admin): AdminAuth,
+) -> Result<Json<Value>, ApiError> {
+    match crate::reload::reload(&state).await {
+        Ok(changed) => {
+            record_action(&state, &admin, "config.reloaded", "configuration").await?;
+            Ok(Json(
+                json!({ "status": "reloaded", "changed_sections": changed }),
+            ))
+        }
+        Err(error) => Err(ApiError::bad_request(
+            "invalid_configuration",
+            error.to_string(),
+        )),
+    }
+}
+
+/// Keeps an admin action in the store and publishes it as `audit.admin`.
+async fn record_action(
+    state: &AppState,
+    admin: &KeyIdentity,
+    action: &str,
+    target: &str,
+) -> Result<(), ApiError> {
+    let actor = admin.id.to_string();
+    state
+        .store
+        .record_admin_action(&actor, action, target, true)
+        .await
+        .map_err(|e| ApiError::store(&e))?;
+    state.hub.publish(AdminAction {
+        actor,
+        action: action.to_owned(),
+        target: target.to_owned(),
+    });
+    Ok(())
 }

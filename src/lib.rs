@@ -9,8 +9,11 @@ pub mod config;
 pub mod error;
 pub mod events;
 pub mod health;
+pub mod metrics;
+pub mod reload;
 pub mod server;
 pub mod store;
+pub mod store_watch;
 
 /// This build's version, reported by `/health` and `system.startup`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -254,6 +254,9 @@ async fn keys_command(store: &Store, command: KeysCommand) -> Result<(), Failure
         KeysCommand::Revoke { key } => {
             let found = store.find_api_key_by_id_or_prefix(&key).await?;
             let record = store.revoke_api_key(found.id).await?;
+            store
+                .record_admin_action("cli", "key.revoked", &record.id.to_string(), false)
+                .await?;
             println!(
                 "revoked key `{}` (id {}, prefix {})",
                 record.name, record.id, record.prefix

@@ -12,16 +12,23 @@ use std::time::Duration;
 use anyhow::Context;
 use arc_swap::ArcSwap;
 use axum::http::{HeaderName, Request};
-use axum::routing::{delete, get};
+use axum::routing::{delete, get, post};
 use axum::Router;
 use tokio::net::TcpListener;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
 use crate::auth::keys::ApiKeySecret;
+use crate::auth::revocation::KeyRevocations;
 use crate::config::Config;
+use crate::events::admission::StreamSlots;
+use crate::events::model::{SystemShutdown, SystemStartup};
+use crate::events::EventHub;
 use crate::store::Store;
-use crate::{admin, health};
+use crate::{admin, events, health, metrics, reload, store_watch};
 
 pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -32,7 +39,18 @@ pub struct AppState(Arc<AppStateInner>);
 pub struct AppStateInner {
     /// The live configuration; swapped whole on reload.
     pub config: ArcSwap<Config>,
+    /// The file the configuration came from, reread on reload.
+    pub config_path: Option<PathBuf>,
     pub store: Store,
+    pub hub: EventHub,
+    /// This node's name in `system.*` events.
+    pub node: String,
+    pub stream_slots: Arc<StreamSlots>,
+    /// Every event-stream task, so shutdown can wait for their close frames.
+    pub stream_tasks: TaskTracker,
+    /// Cancelled once, when the server starts shutting down.
+    pub shutdown: CancellationToken,
+    pub revocations: KeyRevocations,
 }
 
 impl Deref for AppState {
@@ -44,12 +62,31 @@ impl Deref for AppState {
 }
 
 impl AppState {
-    pub fn new(config: Config, store: Store) -> AppState {
+    pub fn new(config: Config, config_path: Option<PathBuf>, store: Store) -> AppState {
+        let ws = &config.features.websocket;
+        let hub = EventHub::local(ws.channel_capacity as usize, ws.history_size as usize);
+        let node = config.server.node_name.clone().unwrap_or_else(host_name);
         AppState(Arc::new(AppStateInner {
             config: ArcSwap::from_pointee(config),
+            config_path,
             store,
+            hub,
+            node,
+            stream_slots: Arc::default(),
+            stream_tasks: TaskTracker::new(),
+            shutdown: CancellationToken::new(),
+            revocations: KeyRevocations::default(),
         }))
     }
+}
+
+fn host_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|name| name.trim().to_owned())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "tollgate".to_owned())
 }
 
 pub fn router(state: AppState) -> Router {
@@ -58,6 +95,10 @@ pub fn router(state: AppState) -> Router {
         .route("/ready", get(health::ready))
         .route("/admin/v1/keys", get(admin::list_keys).post(admin::create_key))
         .route("/admin/v1/keys/{id}", delete(admin::revoke_key))
+        .route("/admin/v1/config/reload", post(admin::reload_config))
+        .route("/ws/events", get(events::ws::ws_events))
+        .route("/events/stream", get(events::sse::sse_events))
+        .route("/metrics", get(metrics::render))
         .with_state(state)
         .layer(
             TraceLayer::new_for_http().make_span_with(|request: &Request<_>| {
@@ -87,7 +128,8 @@ pub struct Server {
 impl Server {
     /// Connects the store (running migrations), creates the bootstrap admin
     /// key on an empty database, and binds the listener.
-    pub async fn bind(config: Config, _config_path: Option<PathBuf>) -> anyhow::Result<Server> {
+    pub async fn bind(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<Server> {
+        metrics::install();
         let store = Store::connect(&config.database.url)
             .await
             .with_context(|| {
@@ -107,7 +149,7 @@ impl Server {
             .with_context(|| format!("cannot listen on {}", config.server.listen))?;
         Ok(Server {
             listener,
-            state: AppState::new(config, store),
+            state: AppState::new(config, config_path, store),
             bootstrap_key,
         })
     }
@@ -122,8 +164,9 @@ impl Server {
         &self.state
     }
 
-    /// Serves until `shutdown` completes, then stops accepting and gives
-    /// in-flight requests `shutdown_timeout_secs` to finish.
+    /// Serves until `shutdown` completes, then stops accepting, tells every
+    /// event stream (`system.shutdown`, then close 1001) and gives in-flight
+    /// requests `shutdown_timeout_secs` to finish.
     pub async fn run(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
@@ -131,24 +174,49 @@ impl Server {
         let addr = self.local_addr();
         let state = self.state.clone();
         let grace = Duration::from_secs(state.config.load().server.shutdown_timeout_secs);
-        let (stopping_tx, mut stopping_rx) = tokio::sync::watch::channel(false);
-        tracing::info!(%addr, version = crate::VERSION, "tollgate listening");
+        tracing::info!(%addr, version = crate::VERSION, node = %state.node, "tollgate listening");
+        let background = TaskTracker::new();
+        background.spawn(store_watch::run(state.clone()));
+        background.spawn(reload::on_sighup(state.clone()));
+        background.close();
+        state.hub.publish(SystemStartup {
+            version: crate::VERSION.to_owned(),
+            node: state.node.clone(),
+            listen: addr.to_string(),
+        });
+        let stopping = state.clone();
         let serve = axum::serve(self.listener, router(state.clone()))
             .with_graceful_shutdown(async move {
                 shutdown.await;
                 tracing::info!("shutting down: no new connections; finishing in-flight requests");
-                let _ = stopping_tx.send(true);
+                // Published before streams are told to stop, so each sends
+                // it ahead of its close frame.
+                stopping.hub.publish(SystemShutdown {
+                    version: crate::VERSION.to_owned(),
+                    node: stopping.node.clone(),
+                    reason: "signal".to_owned(),
+                });
+                stopping.shutdown.cancel();
             })
             .into_future();
+        let deadline = async {
+            state.shutdown.cancelled().await;
+            tokio::time::sleep(grace).await;
+        };
         tokio::select! {
             result = serve => result.context("server failed")?,
-            _ = async {
-                let _ = stopping_rx.wait_for(|stopping| *stopping).await;
-                tokio::time::sleep(grace).await;
-            } => {
+            _ = deadline => {
                 tracing::warn!(grace_secs = grace.as_secs(), "in-flight requests did not finish in time; stopping anyway");
             }
         }
+        state.stream_tasks.close();
+        if tokio::time::timeout(grace, state.stream_tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("event streams did not close in time");
+        }
+        background.wait().await;
         state.store.close().await;
         tracing::info!("tollgate stopped");
         Ok(())

@@ -2,6 +2,7 @@
 //! event stream, `?token=`), resolved against the store into an [`Identity`].
 
 pub mod keys;
+pub mod revocation;
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;

@@ -352,8 +352,8 @@ mod tests {
         }
         assert_eq!(sub.receiver.recv().await.unwrap().id, ids[6]);
         // Of the six missed, count those a filtered subscriber wanted.
-        let even = |e: &StoredEvent| e.id % 2 == 0;
-        let expected = ids[..6].iter().filter(|id| *id % 2 == 0).count() as u64;
+        let even = |e: &StoredEvent| e.id.is_multiple_of(2);
+        let expected = ids[..6].iter().filter(|id| id.is_multiple_of(2)).count() as u64;
         assert_eq!(hub.count_missed(sub.last_id, 6, &even), expected);
     }
 

@@ -149,10 +149,14 @@ impl Store {
                 .await?
                 .ok_or_else(|| StoreError::NotFound(format!("no API key with id {id}")));
         }
+        // Compared character for character: LIKE would treat `_` (a base64url
+        // character, and part of `gw_live_`) as a wildcard, and is
+        // case-insensitive on SQLite.
         let rows = sqlx::query(&format!(
-            "SELECT {COLUMNS} FROM api_keys WHERE prefix LIKE $1 ORDER BY created_at"
+            "SELECT {COLUMNS} FROM api_keys WHERE substr(prefix, 1, length($1)) = $1 \
+             ORDER BY created_at"
         ))
-        .bind(format!("{}%", needle.replace(['%', '_'], "")))
+        .bind(needle)
         .fetch_all(&self.pool)
         .await?;
         let mut found: Vec<ApiKeyRecord> = rows.iter().map(record).collect::<Result<_, _>>()?;

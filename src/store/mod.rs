@@ -7,6 +7,7 @@
 //! times as Unix milliseconds and flags as 0/1. Each backend has its own
 //! migrations folder only because DDL types differ.
 
+mod admin_actions;
 mod keys;
 
 use std::path::Path;
@@ -16,6 +17,7 @@ use std::time::Duration;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, ConnectOptions, Executor};
 
+pub use admin_actions::AdminActionRecord;
 pub use keys::{ApiKeyRecord, NewApiKey};
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");

@@ -1,0 +1,79 @@
+//! Reloading the configuration on SIGHUP or `POST /admin/v1/config/reload`:
+//! the new file is validated first; a valid one replaces the old one whole
+//! and `system.config_reloaded` names the changed sections (never values);
+//! an invalid one leaves the old in force and `system.config_reload_failed`
+//! says why.
+//!
+//! `[features.websocket]` changes apply to streams opened after the reload.
+//! `server.listen` and `database.url` are swapped in but take effect only at
+//! the next start; a warning says so.
+
+use crate::config::{self, ConfigError};
+use crate::events::model::{ConfigReloadFailed, ConfigReloaded};
+use crate::server::AppState;
+
+/// Reloads from the file the server started with (or the defaults and the
+/// environment, if it started without one). Returns the changed sections.
+pub async fn reload(state: &AppState) -> Result<Vec<String>, ConfigError> {
+    let path = state.config_path.clone();
+    let loaded = tokio::task::spawn_blocking(move || config::load(path.as_deref()))
+        .await
+        .unwrap_or_else(|e| {
+            Err(ConfigError {
+                file: None,
+                position: None,
+                key: None,
+                message: format!("reload task failed: {e}"),
+            })
+        });
+    match loaded {
+        Ok(new) => {
+            let old = state.config.load_full();
+            let changed = old.changed_sections(&new);
+            if old.server.listen != new.server.listen || old.database != new.database {
+                tracing::warn!(
+                    "server.listen and database.url changes take effect at the next start"
+                );
+            }
+            state.config.store(std::sync::Arc::new(new));
+            tracing::info!(changed = ?changed, "configuration reloaded");
+            state.hub.publish(ConfigReloaded {
+                changed_sections: changed.clone(),
+            });
+            Ok(changed)
+        }
+        Err(error) => {
+            tracing::error!(%error, "configuration reload failed; keeping the current configuration");
+            state.hub.publish(ConfigReloadFailed {
+                error: error.to_string(),
+            });
+            Err(error)
+        }
+    }
+}
+
+/// Reloads on every SIGHUP until shutdown.
+#[cfg(unix)]
+pub async fn on_sighup(state: AppState) {
+    let mut hangups = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(signal) => signal,
+        Err(error) => {
+            tracing::error!(%error, "cannot listen for SIGHUP; reload with POST /admin/v1/config/reload");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = state.shutdown.cancelled() => return,
+            received = hangups.recv() => {
+                if received.is_none() {
+                    return;
+                }
+                let _ = reload(&state).await;
+            }
+        }
+    }
+}
+
+#[cfg(not(unix))]
+pub async fn on_sighup(_state: AppState) {}

@@ -1,0 +1,56 @@
+//! Once a second, notices what changed in the store without passing
+//! through this process: keys revoked by the CLI or another node, keys that
+//! just expired (their streams must close), and admin actions recorded by
+//! the CLI (published here as `audit.admin`).
+
+use std::time::Duration;
+
+use chrono::Utc;
+
+use crate::events::model::AdminAction;
+use crate::server::AppState;
+
+const PERIOD: Duration = Duration::from_secs(1);
+/// Revocations are looked for a little before the last check too, so a
+/// write that committed just before a check with an earlier timestamp is
+/// not missed. A repeated notice is harmless.
+const OVERLAP: chrono::Duration = chrono::Duration::seconds(2);
+
+/// Runs until the server shuts down.
+pub async fn run(state: AppState) {
+    let mut last_check = Utc::now();
+    let mut ticker = tokio::time::interval(PERIOD);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = state.shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let now = Utc::now();
+        match state
+            .store
+            .keys_invalidated_between(last_check - OVERLAP, now)
+            .await
+        {
+            Ok(ids) => {
+                for id in ids {
+                    state.revocations.notify(id);
+                }
+                last_check = now;
+            }
+            Err(error) => tracing::warn!(%error, "cannot check the store for revoked keys"),
+        }
+        match state.store.claim_unpublished_admin_actions(100).await {
+            Ok(actions) => {
+                for action in actions {
+                    state.hub.publish(AdminAction {
+                        actor: action.actor,
+                        action: action.action,
+                        target: action.target,
+                    });
+                }
+            }
+            Err(error) => tracing::warn!(%error, "cannot read admin actions from the store"),
+        }
+    }
+}
