@@ -147,9 +147,15 @@ impl Server {
         let listener = TcpListener::bind(&config.server.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.server.listen))?;
+        let state = AppState::new(config, config_path, store);
+        state.hub.publish(SystemStartup {
+            version: crate::VERSION.to_owned(),
+            node: state.node.clone(),
+            listen: listener.local_addr()?.to_string(),
+        });
         Ok(Server {
             listener,
-            state: AppState::new(config, config_path, store),
+            state,
             bootstrap_key,
         })
     }
@@ -179,11 +185,6 @@ impl Server {
         background.spawn(store_watch::run(state.clone()));
         background.spawn(reload::on_sighup(state.clone()));
         background.close();
-        state.hub.publish(SystemStartup {
-            version: crate::VERSION.to_owned(),
-            node: state.node.clone(),
-            listen: addr.to_string(),
-        });
         let stopping = state.clone();
         let serve = axum::serve(self.listener, router(state.clone()))
             .with_graceful_shutdown(async move {
