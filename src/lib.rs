@@ -14,6 +14,7 @@ pub mod reload;
 pub mod server;
 pub mod store;
 pub mod store_watch;
+pub mod tail;
 
 /// This build's version, reported by `/health` and `system.startup`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,4 +1,4 @@
-//! The `tollgate` command line: `serve`, `keys`, `config check`.
+//! The `tollgate` command line: `serve`, `keys`, `config check`, `events tail`.
 //! Everything it does is in the library; this file only parses arguments,
 //! sets up logging and maps failures to exit codes (2 = bad configuration).
 
@@ -49,6 +49,36 @@ enum Command {
     Config {
         #[command(subcommand)]
         command: ConfigCommand,
+    },
+    /// Watch the gateway's live event stream.
+    Events {
+        #[command(subcommand)]
+        command: EventsCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum EventsCommand {
+    /// Print events as they happen, one line each; reconnects and resumes by itself.
+    Tail {
+        /// The stream, or the gateway's base URL (ws://, wss://, http://, https://).
+        #[arg(long, default_value = tollgate::tail::DEFAULT_URL)]
+        url: String,
+        /// API key, sent as `Authorization: Bearer`.
+        #[arg(long, env = "TOLLGATE_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// Only these topics (comma list): audit, usage, budget, circuit_breaker, system.
+        #[arg(long, value_delimiter = ',')]
+        topics: Vec<String>,
+        /// Only these event types (comma list), such as usage.recorded.
+        #[arg(long, value_delimiter = ',')]
+        types: Vec<String>,
+        /// Replay the events the gateway still keeps after this id first.
+        #[arg(long, value_name = "ID")]
+        since: Option<String>,
+        /// Print each event's JSON envelope as received.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -155,7 +185,35 @@ async fn run(command: Command) -> Result<(), Failure> {
             eprintln!("{}: configuration is valid", file.display());
             Ok(())
         }
+        Command::Events {
+            command:
+                EventsCommand::Tail {
+                    url,
+                    token,
+                    topics,
+                    types,
+                    since,
+                    json,
+                },
+        } => {
+            let options = tollgate::tail::TailOptions {
+                token,
+                topics,
+                types,
+                since,
+                json,
+                ..tollgate::tail::TailOptions::new(url)
+            };
+            events_tail(options).await
+        }
     }
+}
+
+/// `events tail`: every failure is exit code 1.
+async fn events_tail(options: tollgate::tail::TailOptions) -> Result<(), Failure> {
+    tollgate::tail::run(options, std::io::stdout(), std::io::stderr())
+        .await
+        .map_err(|e| Failure::Other(e.into()))
 }
 
 fn load_config(explicit: Option<&Path>) -> Result<(Config, Option<PathBuf>), Failure> {
@@ -204,6 +262,9 @@ async fn keys_command(store: &Store, command: KeysCommand) -> Result<(), Failure
                 .map_err(anyhow::Error::msg)?;
             let (record, secret) =
                 tollgate::auth::issue_api_key(store, name, admin, expires_at).await?;
+            store
+                .record_admin_action("cli", "key.created", &record.id.to_string(), false)
+                .await?;
             println!(
                 "created {} key `{}` (id {}, prefix {}){}",
                 if record.admin { "admin" } else { "API" },

@@ -35,6 +35,10 @@ pub async fn reload(state: &AppState) -> Result<Vec<String>, ConfigError> {
                     "server.listen and database.url changes take effect at the next start"
                 );
             }
+            let ws = &new.features.websocket;
+            state
+                .hub
+                .resize(ws.channel_capacity as usize, ws.history_size as usize);
             state.config.store(std::sync::Arc::new(new));
             tracing::info!(changed = ?changed, "configuration reloaded");
             state.hub.publish(ConfigReloaded {

@@ -70,6 +70,9 @@ pub trait EventBus: Send + Sync + 'static {
     /// How many of the `count` events after `after` satisfy `wanted`, where
     /// they are still kept; `count` itself where they are not.
     fn count_missed(&self, after: u64, count: u64, wanted: &dyn Fn(&StoredEvent) -> bool) -> u64;
+    /// Applies new sizes (after a configuration reload): subscribers from
+    /// now on get `channel_capacity`; existing ones keep theirs.
+    fn resize(&self, channel_capacity: usize, history_size: usize);
 }
 
 /// The handle producers and connections hold.
@@ -109,6 +112,10 @@ impl EventHub {
     ) -> u64 {
         self.bus.count_missed(after, count, wanted)
     }
+
+    pub fn resize(&self, channel_capacity: usize, history_size: usize) {
+        self.bus.resize(channel_capacity, history_size)
+    }
 }
 
 #[derive(Serialize)]
@@ -121,22 +128,26 @@ struct Envelope<'a> {
     payload: &'a EventPayload,
 }
 
-/// The in-process bus: a mutex-guarded id counter and history ring, and a
+/// The in-process bus: a mutex-guarded id counter, history ring and
 /// broadcast channel.
 pub struct LocalBus {
     state: Mutex<LocalState>,
-    sender: broadcast::Sender<Arc<StoredEvent>>,
-    history_size: usize,
 }
 
 struct LocalState {
     last_id: u64,
     history: VecDeque<Arc<StoredEvent>>,
+    history_size: usize,
+    /// The channel new subscribers join, and its capacity.
+    sender: broadcast::Sender<Arc<StoredEvent>>,
+    channel_capacity: usize,
+    /// Channels of an earlier capacity, kept while they have subscribers.
+    retired: Vec<broadcast::Sender<Arc<StoredEvent>>>,
 }
 
 impl LocalBus {
     pub fn new(channel_capacity: usize, history_size: usize) -> LocalBus {
-        let (sender, _) = broadcast::channel(channel_capacity.max(1));
+        let channel_capacity = channel_capacity.max(1);
         // Ids continue from the start time in microseconds, so that ids
         // from before a restart are older than every new one and resume
         // with them fails cleanly instead of replaying the wrong events.
@@ -145,9 +156,11 @@ impl LocalBus {
             state: Mutex::new(LocalState {
                 last_id: start,
                 history: VecDeque::with_capacity(history_size),
+                history_size,
+                sender: broadcast::channel(channel_capacity).0,
+                channel_capacity,
+                retired: Vec::new(),
             }),
-            sender,
-            history_size,
         }
     }
 
@@ -183,20 +196,25 @@ impl EventBus for LocalBus {
             json: Utf8Bytes::from(json),
         });
         state.last_id = id;
-        if self.history_size > 0 {
-            if state.history.len() == self.history_size {
+        if state.history_size > 0 {
+            if state.history.len() == state.history_size {
                 state.history.pop_front();
             }
             state.history.push_back(event.clone());
         }
         // An error only means nobody is subscribed.
-        let _ = self.sender.send(event.clone());
+        let _ = state.sender.send(event.clone());
+        if !state.retired.is_empty() {
+            state
+                .retired
+                .retain(|sender| sender.send(event.clone()).is_ok());
+        }
         event
     }
 
     fn subscribe(&self, since: Option<u64>) -> Subscription {
         let state = self.lock();
-        let receiver = self.sender.subscribe();
+        let receiver = state.sender.subscribe();
         let last_id = state.last_id;
         let (replay, resume) = match since {
             None => (Vec::new(), Resume::NotRequested),
@@ -245,6 +263,22 @@ impl EventBus for LocalBus {
                     .count() as u64
             }
             _ => count,
+        }
+    }
+
+    fn resize(&self, channel_capacity: usize, history_size: usize) {
+        let mut state = self.lock();
+        let channel_capacity = channel_capacity.max(1);
+        if channel_capacity != state.channel_capacity {
+            let old = std::mem::replace(&mut state.sender, broadcast::channel(channel_capacity).0);
+            state.channel_capacity = channel_capacity;
+            if old.receiver_count() > 0 {
+                state.retired.push(old);
+            }
+        }
+        state.history_size = history_size;
+        while state.history.len() > history_size {
+            state.history.pop_front();
         }
     }
 }
@@ -355,6 +389,33 @@ mod tests {
         let even = |e: &StoredEvent| e.id.is_multiple_of(2);
         let expected = ids[..6].iter().filter(|id| id.is_multiple_of(2)).count() as u64;
         assert_eq!(hub.count_missed(sub.last_id, 6, &even), expected);
+    }
+
+    #[tokio::test]
+    async fn resizing_applies_to_new_subscribers_and_keeps_existing_ones_fed() {
+        let hub = EventHub::local(2, 8);
+        let mut old = hub.subscribe(None);
+        hub.resize(16, 3);
+        let mut new = hub.subscribe(None);
+        let ids: Vec<u64> = (0..5).map(|n| hub.publish(startup(n)).id).collect();
+        // The old subscriber keeps its capacity of 2 and lags by 3.
+        assert!(matches!(
+            old.receiver.recv().await,
+            Err(broadcast::error::RecvError::Lagged(3))
+        ));
+        assert_eq!(old.receiver.recv().await.unwrap().id, ids[3]);
+        // The new one has room for all five.
+        for id in &ids {
+            assert_eq!(new.receiver.recv().await.unwrap().id, *id);
+        }
+        // History shrank to 3.
+        let sub = hub.subscribe(Some(ids[0]));
+        assert_eq!(
+            sub.resume,
+            Resume::Failed {
+                oldest_available: Some(ids[2])
+            }
+        );
     }
 
     #[test]

@@ -128,6 +128,9 @@ impl StreamSession {
                 "topics": topic_names(&filter),
                 "protocol_version": PROTOCOL_VERSION,
                 "resumed": resume == Resume::Resumed,
+                // The newest event before this stream's live part: a client
+                // that drops before receiving any event resumes from here.
+                "last_id": last_id.to_string(),
             }),
         )];
         match resume {

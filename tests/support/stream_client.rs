@@ -1,4 +1,5 @@
 //! Real event-stream clients for the tests: a WebSocket client
+#![allow(dead_code)]
 //! (tokio-tungstenite) and an SSE reader over a raw HTTP response, each
 //! reading frames with a deadline so that a missing frame fails the test
 //! instead of hanging it.

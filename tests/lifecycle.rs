@@ -1,0 +1,171 @@
+//! Starting and stopping the gateway: `tollgate serve` as a process
+//! (bootstrap key on first start only, exit 0 on SIGTERM and SIGINT,
+//! refusing a database it cannot open) and `/ready` following the database.
+
+mod support;
+
+use reqwest::StatusCode;
+use serde_json::Value;
+use support::{free_port, wait_until, TestDb, TestServer, TollgateProcess, Workspace, DEADLINE};
+
+/// Starts `tollgate serve` on a free port of 127.0.0.1 with the workspace's
+/// database and waits until `/health` answers. Returns the process and its
+/// base URL.
+async fn serve(workspace: &Workspace) -> (TollgateProcess, String) {
+    let base = format!("http://127.0.0.1:{}", free_port());
+    let config = workspace.write_config(base.trim_start_matches("http://"));
+    let mut command = workspace.command();
+    command.arg("serve").arg("--config").arg(&config);
+    let process = TollgateProcess::spawn(command);
+    let health = format!("{base}/health");
+    wait_until("the gateway answers /health", DEADLINE, || async {
+        reqwest::get(&health)
+            .await
+            .is_ok_and(|r| r.status() == StatusCode::OK)
+    })
+    .await;
+    // The log line comes after the bootstrap key, which is printed before
+    // the listener serves; once it is read, the key has been too.
+    wait_until("the startup log is read", DEADLINE, || async {
+        process.stderr().contains("tollgate listening")
+    })
+    .await;
+    (process, base)
+}
+
+/// Sends `signal` and asserts that the process exits with status 0 within
+/// the deadline. Returns everything it wrote to stderr.
+async fn stop(mut process: TollgateProcess, signal: &str) -> String {
+    process.signal(signal);
+    let status = process.wait_for_exit().await;
+    let stderr = process.stderr();
+    assert_eq!(status.code(), Some(0), "after SIG{signal}: {stderr}");
+    stderr
+}
+
+#[tokio::test]
+async fn first_start_prints_a_bootstrap_key_once_and_signals_stop_the_gateway_with_exit_0() {
+    let workspace = Workspace::new();
+
+    let (process, base) = serve(&workspace).await;
+    let response = reqwest::get(format!("{base}/health")).await.unwrap();
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["version"], env!("CARGO_PKG_VERSION"));
+    let stderr = process.stderr();
+    let start = stderr
+        .find("gw_live_")
+        .unwrap_or_else(|| panic!("no bootstrap key on first start:\n{stderr}"));
+    let key = stderr[start..]
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned();
+    assert!(tollgate::auth::keys::is_well_formed(&key), "{key}");
+    assert!(stderr.contains("`bootstrap`"), "{stderr}");
+
+    // The printed key is the admin key of this database.
+    let listed: Value = reqwest::Client::new()
+        .get(format!("{base}/admin/v1/keys"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed["data"].as_array().map(Vec::len), Some(1), "{listed}");
+    assert_eq!(listed["data"][0]["name"], "bootstrap");
+
+    let stderr = stop(process, "TERM").await;
+    assert_eq!(stderr.matches("gw_live_").count(), 1, "{stderr}");
+    assert!(
+        reqwest::get(format!("{base}/health")).await.is_err(),
+        "still answering after exit"
+    );
+
+    // A second start on the same database prints no key, and SIGINT stops
+    // it as cleanly.
+    let (process, _) = serve(&workspace).await;
+    let stdout = process.stdout();
+    let stderr = stop(process, "INT").await;
+    assert!(!stderr.contains("gw_live_"), "{stderr}");
+    assert!(!stdout.contains("gw_live_"), "{stdout}");
+}
+
+#[tokio::test]
+async fn serve_exits_1_when_the_database_cannot_be_opened_without_showing_its_password() {
+    let workspace = Workspace::new();
+    // Nothing listens on this port.
+    let url = format!("postgres://app:hunter2@127.0.0.1:{}/x", free_port());
+    let config = workspace.write(
+        "tollgate.toml",
+        &format!(
+            "[server]\nlisten = \"127.0.0.1:{}\"\n\n[database]\nurl = \"{url}\"\n",
+            free_port()
+        ),
+    );
+    let mut command = workspace.command();
+    command.arg("serve").arg("--config").arg(&config);
+    let mut process = TollgateProcess::spawn(command);
+    let status = process.wait_for_exit().await;
+    let stderr = process.stderr();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("cannot open the database"), "{stderr}");
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+    assert!(!stderr.contains("gw_live_"), "{stderr}");
+}
+
+async fn ready_status(server: &TestServer) -> reqwest::Response {
+    reqwest::get(server.url("/ready"))
+        .await
+        .expect("the server answers")
+}
+
+async fn assert_unready(response: reqwest::Response) {
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        response
+            .headers()
+            .get("retry-after")
+            .map(|v| v.to_str().unwrap()),
+        Some("1")
+    );
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "store_unavailable", "{body}");
+    assert_eq!(body["error"]["type"], "server_error", "{body}");
+}
+
+#[tokio::test]
+async fn ready_answers_503_once_the_database_is_gone() {
+    let server = TestServer::start(|_| {}).await;
+    assert_eq!(ready_status(&server).await.status(), StatusCode::OK);
+    // Closing the pool is as unavailable as a SQLite database gets while
+    // its file is open.
+    server.state.store.close().await;
+    assert_unready(ready_status(&server).await).await;
+    let health = reqwest::get(server.url("/health")).await.unwrap();
+    assert_eq!(health.status(), StatusCode::OK, "liveness is not readiness");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn ready_answers_503_when_the_postgres_database_is_dropped() {
+    let Some(db) = TestDb::postgres().await else {
+        return;
+    };
+    let url = db.url.clone();
+    let server = TestServer::start(|config| config.database.url = url).await;
+    assert_eq!(
+        server.state.store.backend(),
+        tollgate::store::Backend::Postgres
+    );
+    assert_eq!(ready_status(&server).await.status(), StatusCode::OK);
+
+    db.cleanup().await;
+    wait_until("/ready answers 503", DEADLINE, || async {
+        ready_status(&server).await.status() == StatusCode::SERVICE_UNAVAILABLE
+    })
+    .await;
+    assert_unready(ready_status(&server).await).await;
+    server.shutdown().await;
+}

@@ -1,0 +1,415 @@
+//! Shared setup for the integration tests: a fresh database per test, an
+//! in-process gateway on 127.0.0.1:0, a scratch folder for running the built
+//! binary, and waiting for a condition with a deadline.
+//!
+//! Every `tests/*.rs` file compiles this module on its own and uses only part
+//! of it, hence the `dead_code` allowance. Keep it to setup: assertions about
+//! behaviour belong in the tests themselves.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle as ThreadHandle;
+use std::time::{Duration, Instant};
+
+use sqlx::{Connection, Executor};
+use tempfile::TempDir;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tollgate::config::Config;
+use tollgate::server::{AppState, Server};
+use tollgate::store::Store;
+
+/// How long a test waits for something that should happen at once (a server
+/// answering, a process exiting) before failing. Generous, because tests
+/// run in parallel with each other and with builds.
+pub const DEADLINE: Duration = Duration::from_secs(15);
+
+/// The environment variable naming a PostgreSQL server for tests.
+pub const POSTGRES_URL_VAR: &str = "TOLLGATE_TEST_POSTGRES_URL";
+
+/// Polls `condition` every 20 ms until it holds; panics naming `what` if it
+/// does not within `timeout`.
+pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition().await {
+            return;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting until {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The `tollgate` binary built for these tests.
+pub fn tollgate_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_tollgate")
+}
+
+/// A database of its own for one test: a SQLite file in a temporary folder,
+/// or a new database on the PostgreSQL server named by
+/// `TOLLGATE_TEST_POSTGRES_URL`. Call [`TestDb::cleanup`] at the end; a test
+/// that panics before that still has its PostgreSQL database dropped.
+pub struct TestDb {
+    /// The URL to give [`Store::connect`] or `[database] url`.
+    pub url: String,
+    backend: TestBackend,
+}
+
+enum TestBackend {
+    Sqlite(TempDir),
+    Postgres {
+        server_url: String,
+        name: String,
+        dropped: bool,
+    },
+}
+
+impl TestDb {
+    pub fn sqlite() -> TestDb {
+        let dir = tempfile::tempdir().expect("create a temporary folder");
+        TestDb {
+            url: format!("sqlite://{}", dir.path().join("tollgate.db").display()),
+            backend: TestBackend::Sqlite(dir),
+        }
+    }
+
+    /// A new, empty PostgreSQL database, or `None` (after printing why) when
+    /// `TOLLGATE_TEST_POSTGRES_URL` is not set, so the caller can return.
+    pub async fn postgres() -> Option<TestDb> {
+        let Ok(server_url) = std::env::var(POSTGRES_URL_VAR) else {
+            println!("skipping: {POSTGRES_URL_VAR} is not set");
+            return None;
+        };
+        let name = format!("tollgate_test_{}", uuid::Uuid::new_v4().simple());
+        let mut conn = sqlx::PgConnection::connect(&server_url)
+            .await
+            .unwrap_or_else(|e| panic!("cannot connect to {POSTGRES_URL_VAR} ({server_url}): {e}"));
+        conn.execute(format!("CREATE DATABASE {name}").as_str())
+            .await
+            .unwrap_or_else(|e| panic!("cannot create database {name}: {e}"));
+        conn.close().await.ok();
+        let mut url = url::Url::parse(&server_url)
+            .unwrap_or_else(|e| panic!("{POSTGRES_URL_VAR} is not a URL: {e}"));
+        url.set_path(&name);
+        Some(TestDb {
+            url: url.to_string(),
+            backend: TestBackend::Postgres {
+                server_url,
+                name,
+                dropped: false,
+            },
+        })
+    }
+
+    /// A store on this database, migrated.
+    pub async fn store(&self) -> Store {
+        Store::connect(&self.url)
+            .await
+            .unwrap_or_else(|e| panic!("cannot open the test database {}: {e}", self.url))
+    }
+
+    /// Removes the database. For PostgreSQL, open connections are ended.
+    pub async fn cleanup(mut self) {
+        if let TestBackend::Postgres {
+            server_url,
+            name,
+            dropped,
+        } = &mut self.backend
+        {
+            drop_postgres_database(server_url, name).await;
+            *dropped = true;
+        }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if let TestBackend::Postgres {
+            server_url,
+            name,
+            dropped: false,
+        } = &self.backend
+        {
+            // Reached when a test panicked before `cleanup`. A runtime may
+            // be running on this thread, so drop the database from another.
+            let (server_url, name) = (server_url.clone(), name.clone());
+            let _ = std::thread::spawn(move || {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("start a runtime")
+                    .block_on(drop_postgres_database(&server_url, &name));
+            })
+            .join();
+        }
+    }
+}
+
+async fn drop_postgres_database(server_url: &str, name: &str) {
+    let mut conn = sqlx::PgConnection::connect(server_url)
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to {server_url} to drop {name}: {e}"));
+    conn.execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
+        .await
+        .unwrap_or_else(|e| panic!("cannot drop database {name}: {e}"));
+    conn.close().await.ok();
+}
+
+/// A gateway running in this process on 127.0.0.1 with a port of its own and
+/// a fresh SQLite database (unless the caller points it elsewhere).
+/// Dropping it stops the server too; [`TestServer::shutdown`] also checks
+/// that it stopped cleanly.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    /// The `bootstrap` admin key created on the empty database.
+    pub admin_key: String,
+    /// The server's shared state: its store and live configuration.
+    pub state: AppState,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+    _db: TestDb,
+}
+
+impl TestServer {
+    /// Starts a server on `Config::default()` with `listen = 127.0.0.1:0` and
+    /// a temporary SQLite database, after `configure` has changed it.
+    pub async fn start(configure: impl FnOnce(&mut Config)) -> TestServer {
+        let db = TestDb::sqlite();
+        let mut config = Config::default();
+        config.server.listen = "127.0.0.1:0".to_owned();
+        config.database.url = db.url.clone();
+        configure(&mut config);
+        let server = Server::bind(config, None)
+            .await
+            .expect("the test server starts");
+        let admin_key = server
+            .bootstrap_key
+            .as_ref()
+            .expect("an empty database gets a bootstrap key")
+            .expose()
+            .to_owned();
+        let addr = server.local_addr();
+        let state = server.state().clone();
+        let (shutdown, stop) = oneshot::channel::<()>();
+        let task = tokio::spawn(server.run(async {
+            // A dropped sender stops the server as well.
+            let _ = stop.await;
+        }));
+        TestServer {
+            addr,
+            admin_key,
+            state,
+            shutdown: Some(shutdown),
+            task: Some(task),
+            _db: db,
+        }
+    }
+
+    /// `http://127.0.0.1:PORT` followed by `path` (which starts with `/`).
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Creates a key directly in the server's store and returns it.
+    pub async fn create_key(&self, name: &str, admin: bool) -> String {
+        let (_, secret) = tollgate::auth::issue_api_key(&self.state.store, name, admin, None)
+            .await
+            .expect("create a key");
+        secret.expose().to_owned()
+    }
+
+    /// Signals shutdown and waits for `run` to return `Ok` within the deadline.
+    pub async fn shutdown(mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        let task = self.task.take().expect("the server task is present");
+        tokio::time::timeout(DEADLINE, task)
+            .await
+            .expect("the server stops within the deadline")
+            .expect("the server task did not panic")
+            .expect("the server stopped without error");
+    }
+}
+
+/// A scratch folder for running the built binary: its working directory
+/// (so no `./tollgate.toml` or `data/` of the repository is touched), its
+/// configuration files and its SQLite database.
+pub struct Workspace {
+    pub dir: TempDir,
+}
+
+impl Workspace {
+    pub fn new() -> Workspace {
+        Workspace {
+            dir: tempfile::tempdir().expect("create a temporary folder"),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A SQLite database in this folder (created on first use).
+    pub fn database_url(&self) -> String {
+        format!("sqlite://{}", self.path().join("tollgate.db").display())
+    }
+
+    /// Writes `text` to `name` in this folder and returns its path.
+    pub fn write(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.path().join(name);
+        std::fs::write(&path, text).expect("write a file in the workspace");
+        path
+    }
+
+    /// A minimal configuration file, `tollgate.toml`, using this folder's
+    /// database and listening on `listen`.
+    pub fn write_config(&self, listen: &str) -> PathBuf {
+        self.write(
+            "tollgate.toml",
+            &format!(
+                "[server]\nlisten = \"{listen}\"\n\n[database]\nurl = \"{}\"\n",
+                self.database_url()
+            ),
+        )
+    }
+
+    /// The `tollgate` binary run in this folder, with the environment
+    /// variables that would change its behaviour removed.
+    pub fn command(&self) -> Command {
+        let mut command = Command::new(tollgate_bin());
+        command
+            .current_dir(self.path())
+            .env_remove("TOLLGATE_LISTEN")
+            .env_remove("TOLLGATE_DATABASE_URL")
+            .env_remove("RUST_LOG");
+        command
+    }
+}
+
+impl Default for Workspace {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A port on 127.0.0.1 that was free a moment ago, for a process that must
+/// be told its address in advance.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
+}
+
+/// A running `tollgate` process whose stdout and stderr are collected as
+/// they arrive. Dropping it kills the process, so a failing test leaves
+/// nothing running.
+pub struct TollgateProcess {
+    child: Child,
+    stdout: Arc<Mutex<Vec<u8>>>,
+    stderr: Arc<Mutex<Vec<u8>>>,
+    readers: Vec<ThreadHandle<()>>,
+}
+
+impl TollgateProcess {
+    /// Spawns `command` (see [`Workspace::command`]) with stdin closed.
+    pub fn spawn(mut command: Command) -> TollgateProcess {
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn the tollgate binary");
+        let stdout = Arc::new(Mutex::new(Vec::new()));
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let readers = vec![
+            collect(child.stdout.take().expect("piped stdout"), stdout.clone()),
+            collect(child.stderr.take().expect("piped stderr"), stderr.clone()),
+        ];
+        TollgateProcess {
+            child,
+            stdout,
+            stderr,
+            readers,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// What the process has written to stdout so far.
+    pub fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.stdout.lock().unwrap()).into_owned()
+    }
+
+    /// What the process has written to stderr so far.
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned()
+    }
+
+    /// Sends a signal by name (`TERM`, `INT`) with `kill(1)`.
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{name} {} failed", self.pid());
+    }
+
+    /// Waits for the process to exit, at most [`DEADLINE`]; returns its
+    /// status once all of its output has been collected.
+    pub async fn wait_for_exit(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + DEADLINE;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("poll the process") {
+                break status;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "the process did not exit within {DEADLINE:?}; stderr so far:\n{}",
+                    self.stderr()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        for reader in self.readers.drain(..) {
+            reader.join().expect("an output reader thread");
+        }
+        status
+    }
+}
+
+impl Drop for TollgateProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn collect(mut pipe: impl Read + Send + 'static, into: Arc<Mutex<Vec<u8>>>) -> ThreadHandle<()> {
+    std::thread::spawn(move || {
+        let mut buffer = [0u8; 4096];
+        while let Ok(n) = pipe.read(&mut buffer) {
+            if n == 0 {
+                break;
+            }
+            into.lock().unwrap().extend_from_slice(&buffer[..n]);
+        }
+    })
+}
