@@ -24,6 +24,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::keys::ApiKeySecret;
 use crate::auth::revocation::KeyRevocations;
 use crate::config::Config;
+use crate::error::ApiError;
 use crate::events::admission::StreamSlots;
 use crate::events::model::{SystemShutdown, SystemStartup};
 use crate::events::EventHub;
@@ -99,6 +100,8 @@ pub fn router(state: AppState) -> Router {
         .route("/ws/events", get(events::ws::ws_events))
         .route("/events/stream", get(events::sse::sse_events))
         .route("/metrics", get(metrics::render))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
         .layer(
             TraceLayer::new_for_http().make_span_with(|request: &Request<_>| {
@@ -114,6 +117,20 @@ pub fn router(state: AppState) -> Router {
         // copy it onto the response.
         .layer(PropagateRequestIdLayer::new(REQUEST_ID_HEADER))
         .layer(SetRequestIdLayer::new(REQUEST_ID_HEADER, MakeRequestUuid))
+}
+
+async fn not_found(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::not_found("not_found", format!("no route for {method} {}", uri.path()))
+}
+
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError {
+        status: axum::http::StatusCode::METHOD_NOT_ALLOWED,
+        ..ApiError::bad_request(
+            "method_not_allowed",
+            format!("{} does not accept {method}", uri.path()),
+        )
+    }
 }
 
 /// A gateway bound to its address, ready to run.

@@ -400,3 +400,18 @@ async fn health_reports_the_version_and_ready_reports_the_database() {
     assert_eq!(body["status"], "ready");
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn unknown_routes_and_methods_get_openai_shaped_errors() {
+    let server = TestServer::start(|_| {}).await;
+    let response = call(&server, Method::GET, "/v2/nothing", None, None).await;
+    assert_error(response, NOT_FOUND, "not_found").await;
+    let response = call(&server, Method::PUT, "/health", None, None).await;
+    assert_error(
+        response,
+        (StatusCode::METHOD_NOT_ALLOWED, "invalid_request_error"),
+        "method_not_allowed",
+    )
+    .await;
+    server.shutdown().await;
+}

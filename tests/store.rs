@@ -46,6 +46,7 @@ on_both_backends!(
     keys_are_found_by_id_or_by_a_unique_prefix,
     an_ambiguous_prefix_is_an_error_not_a_guess,
     a_prefix_matches_its_characters_exactly,
+    an_empty_or_very_short_needle_names_no_key,
     touching_a_key_sets_last_used_at,
     expires_at_round_trips_at_millisecond_precision,
     migrations_run_again_on_a_migrated_database_without_error,
@@ -352,4 +353,17 @@ async fn migrations_run_again_on_a_migrated_database_without_error(db: &TestDb) 
     let third = db.store().await;
     assert_eq!(third.find_api_key(key.id).await.unwrap(), Some(key));
     assert_eq!(third.count_api_keys().await.unwrap(), 1);
+}
+
+async fn an_empty_or_very_short_needle_names_no_key(db: &TestDb) {
+    let store = db.store().await;
+    insert_with_prefix(&store, "gw_live_only01").await;
+    for needle in ["", "  ", "gw_"] {
+        match store.find_api_key_by_id_or_prefix(needle).await {
+            Err(StoreError::NotFound(message)) => {
+                assert!(message.contains("too short"), "{message}")
+            }
+            other => panic!("needle {needle:?}: expected NotFound, got {other:?}"),
+        }
+    }
 }

@@ -149,6 +149,11 @@ impl Store {
                 .await?
                 .ok_or_else(|| StoreError::NotFound(format!("no API key with id {id}")));
         }
+        if needle.trim().len() < 4 {
+            return Err(StoreError::NotFound(format!(
+                "`{needle}` is too short to name a key; give its id or at least 4 characters of its prefix"
+            )));
+        }
         // Compared character for character: LIKE would treat `_` (a base64url
         // character, and part of `gw_live_`) as a wildcard, and is
         // case-insensitive on SQLite.
