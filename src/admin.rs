@@ -1,6 +1,7 @@
 //! The admin HTTP API under `/admin/v1`, for holders of an admin key.
 
-use axum::extract::{Path, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::Json;
 use chrono::{DateTime, Utc};
@@ -11,8 +12,9 @@ use uuid::Uuid;
 use crate::auth::{self, AdminAuth, KeyIdentity};
 use crate::error::ApiError;
 use crate::events::model::AdminAction;
+use crate::events::EventType;
 use crate::server::AppState;
-use crate::store::StoreError;
+use crate::store::{AuditQuery, StoreError, UsageGrouping, UsageQuery};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -135,4 +137,146 @@ async fn record_action(
         target: target.to_owned(),
     });
     Ok(())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UsageParams {
+    pub key_id: Option<Uuid>,
+    pub model: Option<String>,
+    pub from: Option<DateTime<Utc>>,
+    pub to: Option<DateTime<Utc>>,
+    pub group_by: Option<String>,
+}
+
+/// `GET /admin/v1/usage`: token and cost totals from the ledger, filtered by
+/// `key_id`, `model`, `from`, `to` (RFC 3339) and grouped by `key`, `model`
+/// or `day` (UTC).
+pub async fn usage(
+    State(state): State<AppState>,
+    AdminAuth(_admin): AdminAuth,
+    params: Result<Query<UsageParams>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(params) =
+        params.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
+    let group_by = match params.group_by.as_deref() {
+        None => None,
+        Some("key") => Some(UsageGrouping::Key),
+        Some("model") => Some(UsageGrouping::Model),
+        Some("day") => Some(UsageGrouping::Day),
+        Some(other) => {
+            return Err(ApiError::bad_request(
+                "invalid_group_by",
+                format!("group_by `{other}` is not one of key, model, day"),
+            ))
+        }
+    };
+    let query = UsageQuery {
+        key_id: params.key_id,
+        model: params.model,
+        from: params.from,
+        to: params.to,
+        group_by,
+    };
+    let groups = state
+        .store
+        .usage_totals(&query)
+        .await
+        .map_err(|e| ApiError::store(&e))?;
+    let totals = groups.iter().fold(
+        json!({"requests": 0, "input_tokens": 0, "output_tokens": 0, "cost_micros": 0}),
+        |mut t, g| {
+            for (field, value) in [
+                ("requests", g.requests),
+                ("input_tokens", g.input_tokens),
+                ("output_tokens", g.output_tokens),
+                ("cost_micros", g.cost_micros),
+            ] {
+                t[field] = json!(t[field].as_i64().unwrap_or(0) + value);
+            }
+            t
+        },
+    );
+    Ok(Json(json!({
+        "object": "list",
+        "group_by": params.group_by,
+        "data": if group_by.is_some() { json!(groups) } else { json!([]) },
+        "totals": totals,
+    })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditParams {
+    pub since: Option<DateTime<Utc>>,
+    #[serde(rename = "type")]
+    pub event_type: Option<String>,
+    pub key_id: Option<Uuid>,
+    pub limit: Option<i64>,
+    pub cursor: Option<String>,
+}
+
+const AUDIT_PAGE_DEFAULT: i64 = 100;
+const AUDIT_PAGE_MAX: i64 = 1000;
+
+/// `GET /admin/v1/audit`: the audit log, newest first, filtered by `since`
+/// (RFC 3339), `type` (`audit.request`, `audit.admin`, …) and `key_id`, in
+/// pages of `limit` (default 100, at most 1000); pass `next_cursor` back as
+/// `cursor` for the next page.
+pub async fn audit(
+    State(state): State<AppState>,
+    AdminAuth(_admin): AdminAuth,
+    params: Result<Query<AuditParams>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(params) =
+        params.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
+    if let Some(kind) = &params.event_type {
+        let known = kind
+            .parse::<EventType>()
+            .is_ok_and(|t| t.topic() == crate::events::Topic::Audit);
+        if !known {
+            return Err(ApiError::bad_request(
+                "invalid_type",
+                format!("`{kind}` is not an audit event type (audit.request, audit.guardrail_violation, audit.admin)"),
+            ));
+        }
+    }
+    let limit = params.limit.unwrap_or(AUDIT_PAGE_DEFAULT);
+    if !(1..=AUDIT_PAGE_MAX).contains(&limit) {
+        return Err(ApiError::bad_request(
+            "invalid_limit",
+            format!("limit must be between 1 and {AUDIT_PAGE_MAX}"),
+        ));
+    }
+    let before_id = params
+        .cursor
+        .as_deref()
+        .map(|c| {
+            c.parse::<i64>().map_err(|_| {
+                ApiError::bad_request("invalid_cursor", "cursor is not one this endpoint gave")
+            })
+        })
+        .transpose()?;
+    let query = AuditQuery {
+        since: params.since,
+        event_type: params.event_type,
+        key_id: params.key_id,
+        before_id,
+        // One more than the page tells whether another page exists.
+        limit: limit + 1,
+    };
+    let mut records = state
+        .store
+        .list_audit(&query)
+        .await
+        .map_err(|e| ApiError::store(&e))?;
+    let next_cursor = (records.len() as i64 > limit).then(|| {
+        records.truncate(limit as usize);
+        records.last().map(|r| r.id.to_string())
+    });
+    Ok(Json(json!({
+        "object": "list",
+        "data": records,
+        "next_cursor": next_cursor.flatten(),
+    })))
 }

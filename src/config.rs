@@ -35,6 +35,8 @@ pub struct Config {
     pub database: DatabaseConfig,
     #[serde(default)]
     pub features: FeaturesConfig,
+    #[serde(default)]
+    pub audit: AuditConfig,
     /// Empty in the file together with `models` → the built-in `mock`
     /// provider and its model, so a bare configuration still serves.
     #[serde(default)]
@@ -52,6 +54,8 @@ pub struct ServerConfig {
     pub shutdown_timeout_secs: u64,
     /// Name of this gateway node in `system.*` events; the host name when unset.
     pub node_name: Option<String>,
+    /// Largest request body accepted on `/v1/*`; larger ones get 413.
+    pub max_body_bytes: u64,
 }
 
 impl Default for ServerConfig {
@@ -60,6 +64,7 @@ impl Default for ServerConfig {
             listen: "0.0.0.0:8080".to_owned(),
             shutdown_timeout_secs: 10,
             node_name: None,
+            max_body_bytes: 10 * 1024 * 1024,
         }
     }
 }
@@ -77,6 +82,15 @@ impl Default for DatabaseConfig {
             url: "sqlite://data/tollgate.db".to_owned(),
         }
     }
+}
+
+/// `[audit]`: what the audit log and events may contain.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// Keep prompt and completion text in `audit.request` events and the
+    /// audit log. Off by default: they may hold personal data.
+    pub include_bodies: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -141,6 +155,18 @@ pub struct ProviderConfig {
     pub connect_timeout_secs: u64,
     #[serde(default = "default_timeout_secs")]
     pub timeout_secs: u64,
+    /// mock: delay before answering (and before the first chunk).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_ms: Option<u64>,
+    /// mock: streaming speed; unset or 0 sends every chunk at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_second: Option<u64>,
+    /// mock: fraction of requests, 0.0 to 1.0, answered with HTTP 500.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fail_rate: Option<f64>,
+    /// mock: upstream model names that always fail with HTTP 500.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fail_models: Option<Vec<String>>,
 }
 
 fn default_connect_timeout_secs() -> u64 {
@@ -160,6 +186,10 @@ impl ProviderConfig {
             headers: BTreeMap::new(),
             connect_timeout_secs: default_connect_timeout_secs(),
             timeout_secs: default_timeout_secs(),
+            latency_ms: None,
+            tokens_per_second: None,
+            fail_rate: None,
+            fail_models: Some(vec!["mock-fail".to_owned()]),
         }
     }
 }
@@ -183,13 +213,15 @@ fn default_providers() -> BTreeMap<String, ProviderConfig> {
 }
 
 fn default_models() -> Vec<ModelConfig> {
-    vec![ModelConfig {
-        name: "mock-1".to_owned(),
+    let mock = |name: &str| ModelConfig {
+        name: name.to_owned(),
         provider: "mock".to_owned(),
         upstream_model: None,
         input_usd_per_mtok: 0.15,
         output_usd_per_mtok: 0.60,
-    }]
+    };
+    // `mock-fail` always fails, to demonstrate failures and alerts.
+    vec![mock("mock-1"), mock("mock-fail")]
 }
 
 impl Default for Config {
@@ -198,6 +230,7 @@ impl Default for Config {
             server: ServerConfig::default(),
             database: DatabaseConfig::default(),
             features: FeaturesConfig::default(),
+            audit: AuditConfig::default(),
             providers: default_providers(),
             models: default_models(),
         }
@@ -464,6 +497,12 @@ impl Config {
                 ),
             );
         }
+        if self.server.max_body_bytes < 1024 {
+            return fail(
+                "server.max_body_bytes",
+                "must be at least 1024 bytes".to_owned(),
+            );
+        }
         if self.server.shutdown_timeout_secs == 0 {
             return fail(
                 "server.shutdown_timeout_secs",
@@ -529,10 +568,11 @@ impl Config {
                 ("input_usd_per_mtok", model.input_usd_per_mtok),
                 ("output_usd_per_mtok", model.output_usd_per_mtok),
             ] {
-                if !price.is_finite() || price < 0.0 {
+                if usd_to_micros(price).is_none() {
                     return fail(
                         &format!("models.{index}.{field}"),
-                        "must be a price in USD of zero or more".to_owned(),
+                        "must be a price in USD of zero or more with at most 6 decimal places"
+                            .to_owned(),
                     );
                 }
             }
@@ -555,6 +595,16 @@ impl Config {
                             .to_owned(),
                     ));
                 };
+                for (field, set) in [
+                    ("latency_ms", provider.latency_ms.is_some()),
+                    ("tokens_per_second", provider.tokens_per_second.is_some()),
+                    ("fail_rate", provider.fail_rate.is_some()),
+                    ("fail_models", provider.fail_models.is_some()),
+                ] {
+                    if set {
+                        return Err((key(field), "applies only to type \"mock\"".to_owned()));
+                    }
+                }
                 match url::Url::parse(base_url) {
                     Ok(url) if matches!(url.scheme(), "http" | "https") => {}
                     _ => {
@@ -566,6 +616,11 @@ impl Config {
                 }
             }
             ProviderType::Mock => {
+                if let Some(rate) = provider.fail_rate {
+                    if !(0.0..=1.0).contains(&rate) {
+                        return Err((key("fail_rate"), "must be between 0.0 and 1.0".to_owned()));
+                    }
+                }
                 for (field, set) in [
                     ("base_url", provider.base_url.is_some()),
                     ("api_key", provider.api_key.is_some()),
@@ -619,6 +674,7 @@ impl Config {
         };
         note("server", self.server != other.server);
         note("database", self.database != other.database);
+        note("audit", self.audit != other.audit);
         note(
             "features.websocket",
             self.features.websocket != other.features.websocket,
@@ -627,6 +683,16 @@ impl Config {
         note("models", self.models != other.models);
         changed
     }
+}
+
+/// A price in USD as integer micro-dollars, if it is a non-negative amount
+/// with at most six decimal places (so the conversion is exact).
+pub fn usd_to_micros(usd: f64) -> Option<i64> {
+    if !usd.is_finite() || !(0.0..=1e12).contains(&usd) {
+        return None;
+    }
+    let micros = (usd * 1_000_000.0).round();
+    ((usd * 1_000_000.0 - micros).abs() < 1e-6).then_some(micros as i64)
 }
 
 fn validate_database_url(raw: &str) -> Result<(), String> {
@@ -874,6 +940,30 @@ mod tests {
         }
         assert!(shown.contains("api_key = \"********\""), "{shown}");
         assert!(shown.contains("postgres://app:********@db/x"), "{shown}");
+    }
+
+    #[test]
+    fn prices_convert_exactly_to_micro_dollars() {
+        assert_eq!(usd_to_micros(0.15), Some(150_000));
+        assert_eq!(usd_to_micros(2.5), Some(2_500_000));
+        assert_eq!(usd_to_micros(0.000001), Some(1));
+        assert_eq!(usd_to_micros(0.0), Some(0));
+        assert_eq!(usd_to_micros(0.0000001), None);
+        assert_eq!(usd_to_micros(-1.0), None);
+        let err = validation_error(
+            "[providers.mock]\ntype = \"mock\"\n[[models]]\nname = \"m\"\nprovider = \"mock\"\ninput_usd_per_mtok = 0.1234567\n",
+        );
+        assert_eq!(err.key.as_deref(), Some("models.0.input_usd_per_mtok"));
+    }
+
+    #[test]
+    fn mock_knobs_are_refused_on_other_provider_types_and_checked() {
+        let err = validation_error(
+            "[providers.x]\ntype = \"openai\"\nbase_url = \"http://h/v1\"\nlatency_ms = 5\n",
+        );
+        assert_eq!(err.key.as_deref(), Some("providers.x.latency_ms"));
+        let err = validation_error("[providers.m]\ntype = \"mock\"\nfail_rate = 1.5\n");
+        assert_eq!(err.key.as_deref(), Some("providers.m.fail_rate"));
     }
 
     #[test]

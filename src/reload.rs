@@ -10,6 +10,7 @@
 
 use crate::config::{self, ConfigError};
 use crate::events::model::{ConfigReloadFailed, ConfigReloaded};
+use crate::proxy::provider::Routing;
 use crate::server::AppState;
 
 /// Reloads from the file the server started with (or the defaults and the
@@ -26,8 +27,17 @@ pub async fn reload(state: &AppState) -> Result<Vec<String>, ConfigError> {
                 message: format!("reload task failed: {e}"),
             })
         });
+    let loaded = loaded.and_then(|new| {
+        let routing = Routing::from_config(&new).map_err(|message| ConfigError {
+            file: state.config_path.clone(),
+            position: None,
+            key: Some("providers".to_owned()),
+            message,
+        })?;
+        Ok((new, routing))
+    });
     match loaded {
-        Ok(new) => {
+        Ok((new, routing)) => {
             let old = state.config.load_full();
             let changed = old.changed_sections(&new);
             if old.server.listen != new.server.listen || old.database != new.database {
@@ -40,6 +50,7 @@ pub async fn reload(state: &AppState) -> Result<Vec<String>, ConfigError> {
                 .hub
                 .resize(ws.channel_capacity as usize, ws.history_size as usize);
             state.config.store(std::sync::Arc::new(new));
+            state.routing.store(std::sync::Arc::new(routing));
             tracing::info!(changed = ?changed, "configuration reloaded");
             state.hub.publish(ConfigReloaded {
                 changed_sections: changed.clone(),

@@ -28,8 +28,10 @@ use crate::error::ApiError;
 use crate::events::admission::StreamSlots;
 use crate::events::model::{SystemShutdown, SystemStartup};
 use crate::events::EventHub;
+use crate::ledger::RequestLedger;
+use crate::proxy::provider::Routing;
 use crate::store::Store;
-use crate::{admin, events, health, metrics, reload, store_watch};
+use crate::{admin, events, health, metrics, proxy, reload, store_watch};
 
 pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -52,6 +54,9 @@ pub struct AppStateInner {
     /// Cancelled once, when the server starts shutting down.
     pub shutdown: CancellationToken,
     pub revocations: KeyRevocations,
+    /// Model name → provider; rebuilt whole on reload.
+    pub routing: ArcSwap<Routing>,
+    pub ledger: RequestLedger,
 }
 
 impl Deref for AppState {
@@ -63,11 +68,18 @@ impl Deref for AppState {
 }
 
 impl AppState {
-    pub fn new(config: Config, config_path: Option<PathBuf>, store: Store) -> AppState {
+    /// Builds the state; fails only if a provider cannot be built.
+    pub fn new(
+        config: Config,
+        config_path: Option<PathBuf>,
+        store: Store,
+    ) -> anyhow::Result<AppState> {
+        let routing = Routing::from_config(&config).map_err(anyhow::Error::msg)?;
         let ws = &config.features.websocket;
         let hub = EventHub::local(ws.channel_capacity as usize, ws.history_size as usize);
         let node = config.server.node_name.clone().unwrap_or_else(host_name);
-        AppState(Arc::new(AppStateInner {
+        let ledger = RequestLedger::start(store.clone(), hub.clone());
+        Ok(AppState(Arc::new(AppStateInner {
             config: ArcSwap::from_pointee(config),
             config_path,
             store,
@@ -77,7 +89,9 @@ impl AppState {
             stream_tasks: TaskTracker::new(),
             shutdown: CancellationToken::new(),
             revocations: KeyRevocations::default(),
-        }))
+            routing: ArcSwap::from_pointee(routing),
+            ledger,
+        })))
     }
 }
 
@@ -97,9 +111,14 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/v1/keys", get(admin::list_keys).post(admin::create_key))
         .route("/admin/v1/keys/{id}", delete(admin::revoke_key))
         .route("/admin/v1/config/reload", post(admin::reload_config))
+        .route("/admin/v1/usage", get(admin::usage))
+        .route("/admin/v1/audit", get(admin::audit))
         .route("/ws/events", get(events::ws::ws_events))
         .route("/events/stream", get(events::sse::sse_events))
         .route("/metrics", get(metrics::render))
+        .route("/v1/chat/completions", post(proxy::chat_completions))
+        .route("/v1/embeddings", post(proxy::embeddings))
+        .route("/v1/models", get(proxy::list_models))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
@@ -164,7 +183,9 @@ impl Server {
         let listener = TcpListener::bind(&config.server.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.server.listen))?;
-        let state = AppState::new(config, config_path, store);
+        // Loading the tokenizer takes a moment; do it now, not on the first request.
+        tokio::task::spawn_blocking(|| crate::proxy::usage::count_tokens("warm up"));
+        let state = AppState::new(config, config_path, store)?;
         state.hub.publish(SystemStartup {
             version: crate::VERSION.to_owned(),
             node: state.node.clone(),
@@ -235,6 +256,8 @@ impl Server {
             tracing::warn!("event streams did not close in time");
         }
         background.wait().await;
+        // Every request has finished or been abandoned: write their records.
+        state.ledger.close().await;
         state.store.close().await;
         tracing::info!("tollgate stopped");
         Ok(())

@@ -340,6 +340,8 @@ async fn json_prints_the_exact_envelopes_of_the_filtered_events() {
         latency_ms: 1,
         stream: false,
         error: None,
+        request_body: None,
+        response_text: None,
     }); // type audit.request: filtered out
     let second = hub.publish(usage(Uuid::new_v4()));
     hub.publish(breaker()); // topic circuit_breaker: filtered out

@@ -260,6 +260,12 @@ pub struct AuditRequest {
     pub stream: bool,
     /// An error code (`upstream_error`, `client_closed`, …); `None` on success.
     pub error: Option<String>,
+    /// The request's JSON, only with `[audit] include_bodies = true`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_body: Option<serde_json::Value>,
+    /// The completion's text, only with `[audit] include_bodies = true`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub response_text: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -197,4 +197,27 @@ impl Store {
             .await?;
         Ok(())
     }
+
+    /// Ids of keys revoked at or after `since`, or that expired in
+    /// `[since, until)`: keys whose open streams must close.
+    pub async fn keys_invalidated_between(
+        &self,
+        since: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> Result<Vec<Uuid>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id FROM api_keys WHERE revoked_at >= $1 OR (expires_at >= $1 AND expires_at < $2)",
+        )
+        .bind(to_millis(since))
+        .bind(to_millis(until))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let id: String = row.try_get("id")?;
+                Uuid::parse_str(&id)
+                    .map_err(|e| StoreError::Database(sqlx::Error::Decode(Box::new(e))))
+            })
+            .collect()
+    }
 }

@@ -7,8 +7,9 @@
 //! times as Unix milliseconds and flags as 0/1. Each backend has its own
 //! migrations folder only because DDL types differ.
 
-mod admin_actions;
+mod audit;
 mod keys;
+mod usage;
 
 use std::path::Path;
 use std::str::FromStr;
@@ -17,8 +18,9 @@ use std::time::Duration;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, ConnectOptions, Executor};
 
-pub use admin_actions::AdminActionRecord;
+pub use audit::{AdminActionRecord, AuditQuery, AuditRecord, NewAuditRecord};
 pub use keys::{ApiKeyRecord, NewApiKey};
+pub use usage::{LedgerRow, UsageGroup, UsageGrouping, UsageQuery};
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");

@@ -1,0 +1,141 @@
+//! The request ledger: every finished `/v1/*` request is written to the
+//! store — its usage row (when it reached a provider) and its audit row in
+//! one transaction — and only then published as `usage.recorded` and
+//! `audit.request`, so an event never announces a row that is not there.
+//!
+//! Requests hand their record to [`RequestLedger::record`], which never
+//! blocks (it may be called from a dropped stream). One writer task drains
+//! everything queued into each transaction, so the store sees one commit per
+//! burst rather than one per request, and retries a failed write until it
+//! lands: a database outage delays records, it does not lose them.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::events::model::{AuditRequest, UsageRecorded};
+use crate::events::EventHub;
+use crate::store::{LedgerRow, NewAuditRecord, Store};
+
+/// Records drained into one transaction at most.
+const MAX_BATCH: usize = 512;
+
+/// One finished request.
+#[derive(Debug, Clone)]
+pub struct FinishedRequest {
+    /// When the request finished.
+    pub at: chrono::DateTime<Utc>,
+    pub audit: AuditRequest,
+    /// Present when the request reached a provider on behalf of a key.
+    pub ledger: Option<LedgerRow>,
+}
+
+enum Message {
+    Record(Box<FinishedRequest>),
+    /// Write what is queued, then stop and answer.
+    Close(oneshot::Sender<()>),
+}
+
+#[derive(Clone)]
+pub struct RequestLedger {
+    queue: mpsc::UnboundedSender<Message>,
+}
+
+impl RequestLedger {
+    /// Starts the writer task.
+    pub fn start(store: Store, hub: EventHub) -> RequestLedger {
+        let (queue, receiver) = mpsc::unbounded_channel();
+        tokio::spawn(write_loop(store, hub, receiver));
+        RequestLedger { queue }
+    }
+
+    pub fn record(&self, finished: FinishedRequest) {
+        if self
+            .queue
+            .send(Message::Record(Box::new(finished)))
+            .is_err()
+        {
+            tracing::error!("a request finished after the ledger closed; its record is lost");
+        }
+    }
+
+    /// Writes everything queued and stops the writer.
+    pub async fn close(&self) {
+        let (done, closed) = oneshot::channel();
+        if self.queue.send(Message::Close(done)).is_ok() {
+            let _ = closed.await;
+        }
+    }
+}
+
+async fn write_loop(store: Store, hub: EventHub, mut receiver: mpsc::UnboundedReceiver<Message>) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while let Some(first) = receiver.recv().await {
+        let mut close = None;
+        let mut next = Some(first);
+        while let Some(message) = next.take() {
+            match message {
+                Message::Record(finished) => batch.push(*finished),
+                Message::Close(done) => {
+                    close = Some(done);
+                    break;
+                }
+            }
+            if batch.len() < MAX_BATCH {
+                next = receiver.try_recv().ok();
+            }
+        }
+        // Close drains whatever else is queued behind it too.
+        if close.is_some() {
+            while let Ok(Message::Record(finished)) = receiver.try_recv() {
+                batch.push(*finished);
+            }
+        }
+        if !batch.is_empty() {
+            write_batch(&store, &hub, &mut batch).await;
+        }
+        if let Some(done) = close {
+            let _ = done.send(());
+            return;
+        }
+    }
+}
+
+async fn write_batch(store: &Store, hub: &EventHub, batch: &mut Vec<FinishedRequest>) {
+    let ledger: Vec<LedgerRow> = batch.iter().filter_map(|f| f.ledger.clone()).collect();
+    let audit: Vec<NewAuditRecord> = batch
+        .iter()
+        .map(|f| NewAuditRecord {
+            at: f.at,
+            event_type: "audit.request",
+            key_id: f.audit.key_id,
+            request_id: Some(f.audit.request_id.clone()),
+            payload: serde_json::to_string(&f.audit).expect("audit payloads serialise"),
+        })
+        .collect();
+    let mut backoff = Duration::from_millis(50);
+    while let Err(error) = store.record_requests(&ledger, &audit).await {
+        tracing::error!(%error, records = batch.len(), retry_in_ms = backoff.as_millis() as u64,
+            "cannot write the request ledger; retrying");
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+    for finished in batch.drain(..) {
+        if let Some(row) = &finished.ledger {
+            if row.input_tokens > 0 || row.output_tokens > 0 {
+                hub.publish(UsageRecorded {
+                    request_id: row.request_id.clone(),
+                    key_id: row.key_id,
+                    model: row.model.clone(),
+                    provider: row.provider.clone(),
+                    input_tokens: row.input_tokens,
+                    output_tokens: row.output_tokens,
+                    cost_micros: row.cost_micros,
+                    estimated: row.estimated,
+                });
+            }
+        }
+        hub.publish(finished.audit);
+    }
+}

@@ -1,0 +1,471 @@
+//! The OpenAI-compatible API under `/v1`: `POST /v1/chat/completions`
+//! (streamed or not), `POST /v1/embeddings` and `GET /v1/models`.
+//!
+//! A request is authenticated by key, read within the body limit, checked
+//! enough to answer clearly (JSON, `model`, `messages` or `input`), routed by
+//! model name, and forwarded with every field we do not know left intact.
+//! Whatever happens, the request is recorded exactly once through a [`Call`]:
+//! an audit row and event always, a ledger row and usage event when it
+//! reached a provider for a key (see [`crate::ledger`]).
+
+pub mod mock;
+pub mod openai;
+pub mod provider;
+pub mod stream;
+pub mod usage;
+
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use chrono::Utc;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use self::provider::{Endpoint, ProviderError, Route, UpstreamBody, UpstreamRequest};
+use self::usage::Usage;
+use crate::auth::{self, AuthError};
+use crate::error::ApiError;
+use crate::events::model::AuditRequest;
+use crate::ledger::{FinishedRequest, RequestLedger};
+use crate::pricing::Price;
+use crate::server::{AppState, REQUEST_ID_HEADER};
+use crate::store::LedgerRow;
+
+/// Names the provider that served a response.
+pub const PROVIDER_HEADER: &str = "x-tollgate-provider";
+
+pub async fn chat_completions(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    proxy(state, Endpoint::ChatCompletions, headers, body).await
+}
+
+pub async fn embeddings(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    proxy(state, Endpoint::Embeddings, headers, body).await
+}
+
+/// `GET /v1/models`: the configured models in OpenAI's list shape.
+pub async fn list_models(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let mut call = Call::start(&state, &headers, "GET", "/v1/models");
+    if let Err(error) = authenticate(&state, &headers, &mut call).await {
+        return call.fail(error);
+    }
+    let routing = state.routing.load();
+    let data: Vec<Value> = routing
+        .models()
+        .map(|route| json!({"id": route.model, "object": "model", "created": 0, "owned_by": route.provider_name}))
+        .collect();
+    call.finish_without_usage(StatusCode::OK, None);
+    axum::Json(json!({"object": "list", "data": data})).into_response()
+}
+
+async fn proxy(state: AppState, endpoint: Endpoint, headers: HeaderMap, body: Body) -> Response {
+    let path = format!("/v1{}", endpoint.path());
+    let mut call = Call::start(&state, &headers, "POST", &path);
+    match forward(&state, endpoint, &headers, body, &mut call).await {
+        Ok(Forwarded::Complete(response)) => response,
+        Ok(Forwarded::Stream(response)) => response,
+        Err(error) => call.fail(error),
+    }
+}
+
+enum Forwarded {
+    Complete(Response),
+    Stream(Response),
+}
+
+async fn authenticate(
+    state: &AppState,
+    headers: &HeaderMap,
+    call: &mut Call,
+) -> Result<(), ApiError> {
+    let token = auth::bearer_token(headers).ok_or(AuthError::Missing)??;
+    let record = auth::authenticate_key(&state.store, token).await?;
+    call.audit.key_id = Some(record.id);
+    Ok(())
+}
+
+async fn forward(
+    state: &AppState,
+    endpoint: Endpoint,
+    headers: &HeaderMap,
+    body: Body,
+    call: &mut Call,
+) -> Result<Forwarded, ApiError> {
+    authenticate(state, headers, call).await?;
+    let limit = state.config.load().server.max_body_bytes as usize;
+    let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
+        ApiError::payload_too_large(format!(
+            "the request body is larger than {limit} bytes (server.max_body_bytes)"
+        ))
+    })?;
+    let mut request = parse_request(endpoint, &bytes)?;
+    let model = request["model"].as_str().unwrap_or_default().to_owned();
+    call.audit.model = Some(model.clone());
+    let route = state.routing.load().route(&model).cloned().ok_or_else(|| {
+        ApiError::not_found(
+            "model_not_found",
+            format!("the model `{model}` does not exist on this gateway"),
+        )
+    })?;
+    call.routed(&route, request.clone());
+    let stream =
+        endpoint == Endpoint::ChatCompletions && request.get("stream") == Some(&Value::Bool(true));
+    call.audit.stream = stream;
+    let client_wants_usage =
+        request.pointer("/stream_options/include_usage") == Some(&Value::Bool(true));
+    request["model"] = Value::String(route.upstream_model.clone());
+    if stream {
+        // Always ask for the final usage chunk; it is removed again on the
+        // way back if the client did not ask for it.
+        match request
+            .get_mut("stream_options")
+            .and_then(Value::as_object_mut)
+        {
+            Some(options) => {
+                options.insert("include_usage".into(), Value::Bool(true));
+            }
+            None => request["stream_options"] = json!({"include_usage": true}),
+        }
+    }
+    let upstream = route
+        .provider
+        .send(UpstreamRequest {
+            endpoint,
+            body: request,
+            stream,
+        })
+        .await
+        .map_err(|e| provider_error(&route.provider_name, e))?;
+    let status = StatusCode::from_u16(upstream.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    match upstream.body {
+        UpstreamBody::Stream(events) if status.is_success() => {
+            let relay = stream::relay(events, call.take(), client_wants_usage);
+            let mut response = Response::new(Body::from_stream(relay));
+            let headers = response.headers_mut();
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/event-stream"),
+            );
+            headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+            insert_provider(headers, &route.provider_name);
+            Ok(Forwarded::Stream(response))
+        }
+        UpstreamBody::Stream(_) => Err(ApiError::bad_gateway(
+            "upstream_error",
+            "the provider answered an error as a stream",
+        )),
+        UpstreamBody::Complete(body) => {
+            complete(endpoint, call, &route, status, body).map(Forwarded::Complete)
+        }
+    }
+}
+
+/// Checks what must be there to route and answer clearly.
+fn parse_request(endpoint: Endpoint, bytes: &Bytes) -> Result<Value, ApiError> {
+    let request: Value = serde_json::from_slice(bytes).map_err(|e| {
+        ApiError::bad_request(
+            "invalid_json",
+            format!("the request body is not valid JSON: {e}"),
+        )
+    })?;
+    if !request.is_object() {
+        return Err(ApiError::bad_request(
+            "invalid_json",
+            "the request body must be a JSON object",
+        ));
+    }
+    match request.get("model") {
+        Some(Value::String(model)) if !model.is_empty() => {}
+        _ => {
+            return Err(ApiError::bad_request(
+                "missing_model",
+                "the request needs `model`, a model name",
+            ))
+        }
+    }
+    match endpoint {
+        Endpoint::ChatCompletions => match request.get("messages") {
+            Some(Value::Array(messages)) if !messages.is_empty() => {}
+            _ => {
+                return Err(ApiError::bad_request(
+                    "missing_messages",
+                    "a chat completion needs `messages`, a non-empty list",
+                ))
+            }
+        },
+        Endpoint::Embeddings => {
+            if request.get("input").is_none_or(Value::is_null) {
+                return Err(ApiError::bad_request(
+                    "missing_input",
+                    "an embeddings request needs `input`",
+                ));
+            }
+        }
+    }
+    Ok(request)
+}
+
+fn provider_error(provider: &str, error: ProviderError) -> ApiError {
+    tracing::warn!(provider, %error, "provider request failed");
+    match error {
+        ProviderError::Timeout => {
+            ApiError::gateway_timeout(format!("the provider `{provider}` did not answer in time"))
+        }
+        ProviderError::Connect(cause) => ApiError::bad_gateway(
+            "upstream_unreachable",
+            format!("cannot connect to the provider `{provider}`: {cause}"),
+        ),
+        ProviderError::Broken(cause) => ApiError::bad_gateway(
+            "upstream_error",
+            format!("the provider `{provider}` answered with a broken response: {cause}"),
+        ),
+    }
+}
+
+fn insert_provider(headers: &mut HeaderMap, provider: &str) {
+    if let Ok(value) = HeaderValue::from_str(provider) {
+        headers.insert(PROVIDER_HEADER, value);
+    }
+}
+
+/// A whole upstream answer: success with usage, a 4xx passed through with
+/// its status and message, a 5xx as 502.
+fn complete(
+    endpoint: Endpoint,
+    call: &mut Call,
+    route: &Route,
+    status: StatusCode,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let upstream_json: Option<Value> = serde_json::from_slice(&body).ok();
+    if status.is_server_error() {
+        let message = upstream_json
+            .as_ref()
+            .and_then(|v| v.pointer("/error/message"))
+            .and_then(Value::as_str)
+            .unwrap_or("no message");
+        return Err(ApiError::bad_gateway(
+            "upstream_error",
+            format!(
+                "the provider `{}` failed with HTTP {}: {message}",
+                route.provider_name,
+                status.as_u16()
+            ),
+        ));
+    }
+    let mut response = if status.is_success() {
+        let Some(answer) = &upstream_json else {
+            return Err(ApiError::bad_gateway(
+                "upstream_error",
+                "the provider's answer is not JSON",
+            ));
+        };
+        let usage = usage::of_response(endpoint, call.request_body(), answer);
+        let text = usage::completion_text(answer);
+        call.take().finish(status, usage, None, Some(text));
+        Response::new(Body::from(body))
+    } else {
+        // A client error: the upstream's status and message reach the
+        // client; its error body is kept when it has OpenAI's shape.
+        let body = match &upstream_json {
+            Some(v) if v.get("error").is_some_and(Value::is_object) => body,
+            _ => Bytes::from(
+                json!({"error": {"type": "invalid_request_error", "code": "upstream_client_error",
+                    "message": String::from_utf8_lossy(&body)}})
+                .to_string(),
+            ),
+        };
+        call.take().finish(
+            status,
+            Usage::default(),
+            Some("upstream_client_error"),
+            None,
+        );
+        let mut response = Response::new(Body::from(body));
+        *response.status_mut() = status;
+        response
+    };
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    insert_provider(response.headers_mut(), &route.provider_name);
+    Ok(response)
+}
+
+/// One `/v1/*` request on its way to being recorded: what the audit event
+/// says, and the route and prices once known. Recorded exactly once, by
+/// [`Call::finish`], [`Call::fail`] or the stream relay.
+pub struct Call {
+    ledger: RequestLedger,
+    include_bodies: bool,
+    started: Instant,
+    audit: AuditRequest,
+    routed: Option<Routed>,
+    recorded: bool,
+}
+
+struct Routed {
+    provider: String,
+    price: Price,
+    request_body: Value,
+}
+
+impl Call {
+    fn start(state: &AppState, headers: &HeaderMap, method: &str, path: &str) -> Call {
+        let request_id = headers
+            .get(REQUEST_ID_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+            .unwrap_or_else(|| Uuid::new_v4().to_string());
+        Call {
+            ledger: state.ledger.clone(),
+            include_bodies: state.config.load().audit.include_bodies,
+            started: Instant::now(),
+            audit: AuditRequest {
+                request_id,
+                key_id: None,
+                method: method.to_owned(),
+                path: path.to_owned(),
+                model: None,
+                provider: None,
+                status: 0,
+                latency_ms: 0,
+                stream: false,
+                error: None,
+                request_body: None,
+                response_text: None,
+            },
+            routed: None,
+            recorded: false,
+        }
+    }
+
+    fn routed(&mut self, route: &Route, request_body: Value) {
+        self.audit.provider = Some(route.provider_name.clone());
+        self.routed = Some(Routed {
+            provider: route.provider_name.clone(),
+            price: route.price,
+            request_body,
+        });
+    }
+
+    fn request_body(&self) -> &Value {
+        static EMPTY: Value = Value::Null;
+        self.routed.as_ref().map_or(&EMPTY, |r| &r.request_body)
+    }
+
+    /// The gateway's count of the request's input tokens.
+    pub fn estimate_input(&self) -> i64 {
+        let endpoint = if self.audit.path.ends_with("/embeddings") {
+            Endpoint::Embeddings
+        } else {
+            Endpoint::ChatCompletions
+        };
+        usage::estimate_input(endpoint, self.request_body())
+    }
+
+    /// Moves the call out, leaving a recorded husk behind (so the caller's
+    /// error path cannot record it a second time).
+    fn take(&mut self) -> Call {
+        let taken = Call {
+            ledger: self.ledger.clone(),
+            include_bodies: self.include_bodies,
+            started: self.started,
+            audit: self.audit.clone(),
+            routed: self.routed.take(),
+            recorded: false,
+        };
+        self.recorded = true;
+        taken
+    }
+
+    fn fail(mut self, error: ApiError) -> Response {
+        let status = error.status;
+        let code = error.code;
+        self.finish_inner(status, Usage::default(), Some(code), None);
+        error.into_response()
+    }
+
+    fn finish_without_usage(mut self, status: StatusCode, error: Option<&str>) {
+        self.finish_inner(status, Usage::default(), error, None);
+    }
+
+    fn finish(
+        mut self,
+        status: StatusCode,
+        usage: Usage,
+        error: Option<&str>,
+        text: Option<String>,
+    ) {
+        self.finish_inner(status, usage, error, text);
+    }
+
+    /// Records a streamed request: its status was 200 when the stream began.
+    pub fn finish_stream(mut self, usage: Usage, error: Option<&str>, text: String) {
+        self.finish_inner(StatusCode::OK, usage, error, Some(text));
+    }
+
+    fn finish_inner(
+        &mut self,
+        status: StatusCode,
+        usage: Usage,
+        error: Option<&str>,
+        text: Option<String>,
+    ) {
+        if self.recorded {
+            return;
+        }
+        self.recorded = true;
+        let latency_ms = self.started.elapsed().as_millis() as i64;
+        let mut audit = self.audit.clone();
+        audit.status = status.as_u16();
+        audit.latency_ms = latency_ms as u64;
+        audit.error = error.map(str::to_owned);
+        let routed = self.routed.take();
+        if self.include_bodies {
+            audit.request_body = routed.as_ref().map(|r| r.request_body.clone());
+            audit.response_text = text;
+        }
+        let at = Utc::now();
+        let ledger = match (&routed, audit.key_id, &audit.model) {
+            (Some(routed), Some(key_id), Some(model)) => Some(LedgerRow {
+                at,
+                request_id: audit.request_id.clone(),
+                key_id,
+                model: model.clone(),
+                provider: routed.provider.clone(),
+                input_tokens: usage.input_tokens,
+                output_tokens: usage.output_tokens,
+                cost_micros: routed
+                    .price
+                    .cost_micros(usage.input_tokens, usage.output_tokens),
+                latency_ms,
+                status: i64::from(status.as_u16()),
+                streamed: audit.stream,
+                estimated: usage.estimated,
+            }),
+            _ => None,
+        };
+        self.ledger.record(FinishedRequest { at, audit, ledger });
+    }
+}
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        // A handler future dropped mid-way (the client went away before an
+        // answer): record what is known.
+        if !self.recorded {
+            // 499: nginx's "client closed request"; no answer was sent.
+            let status = StatusCode::from_u16(499).expect("499 is a valid status");
+            self.finish_inner(status, Usage::default(), Some("client_closed"), None);
+        }
+    }
+}

@@ -1,0 +1,96 @@
+//! `type = "openai"`: any OpenAI-compatible HTTP API (OpenAI, vLLM, Ollama,
+//! Groq, …) at `base_url`, through one pooled reqwest client per provider.
+
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use futures::{FutureExt, StreamExt, TryStreamExt};
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, AUTHORIZATION};
+
+use super::provider::{Provider, ProviderError, UpstreamBody, UpstreamRequest, UpstreamResponse};
+use crate::config::ProviderConfig;
+
+pub struct OpenAiProvider {
+    client: reqwest::Client,
+    base_url: String,
+}
+
+impl OpenAiProvider {
+    pub fn new(config: &ProviderConfig) -> Result<OpenAiProvider, String> {
+        let mut headers = HeaderMap::new();
+        if let Some(key) = &config.api_key {
+            let mut value = HeaderValue::from_str(&format!("Bearer {key}"))
+                .map_err(|_| "api_key contains characters not allowed in a header".to_owned())?;
+            value.set_sensitive(true);
+            headers.insert(AUTHORIZATION, value);
+        }
+        for (name, value) in &config.headers {
+            let name = HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| format!("`{name}` is not a valid header name"))?;
+            let mut value = HeaderValue::from_str(value)
+                .map_err(|_| format!("the value of header `{name}` is not valid"))?;
+            value.set_sensitive(true);
+            headers.insert(name, value);
+        }
+        let client = reqwest::Client::builder()
+            .default_headers(headers)
+            .connect_timeout(Duration::from_secs(config.connect_timeout_secs))
+            .timeout(Duration::from_secs(config.timeout_secs))
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build()
+            .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+        Ok(OpenAiProvider {
+            client,
+            base_url: config
+                .base_url
+                .clone()
+                .unwrap_or_default()
+                .trim_end_matches('/')
+                .to_owned(),
+        })
+    }
+}
+
+fn classify(error: reqwest::Error) -> ProviderError {
+    if error.is_timeout() {
+        ProviderError::Timeout
+    } else if error.is_connect() {
+        // The URL is ours (configuration), never a secret, but keep only
+        // the cause: reqwest's text may include it.
+        ProviderError::Connect(root_cause(&error))
+    } else {
+        ProviderError::Broken(root_cause(&error))
+    }
+}
+
+fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = error;
+    while let Some(source) = cause.source() {
+        cause = source;
+    }
+    cause.to_string()
+}
+
+impl Provider for OpenAiProvider {
+    fn send(
+        &self,
+        request: UpstreamRequest,
+    ) -> BoxFuture<'static, Result<UpstreamResponse, ProviderError>> {
+        let call = self
+            .client
+            .post(format!("{}{}", self.base_url, request.endpoint.path()))
+            .json(&request.body)
+            .send();
+        async move {
+            let response = call.await.map_err(classify)?;
+            let status = response.status().as_u16();
+            let body = if request.stream && response.status().is_success() {
+                UpstreamBody::Stream(response.bytes_stream().map_err(classify).boxed())
+            } else {
+                UpstreamBody::Complete(response.bytes().await.map_err(classify)?)
+            };
+            Ok(UpstreamResponse { status, body })
+        }
+        .boxed()
+    }
+}

@@ -1,0 +1,218 @@
+//! The `usage_ledger` table: one row per proxied request of a known key,
+//! written together with the request's audit row, and the totals behind
+//! `GET /admin/v1/usage`.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::Row;
+use uuid::Uuid;
+
+use super::{from_millis, to_millis, NewAuditRecord, Store, StoreError};
+
+/// One request's usage, as the ledger keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LedgerRow {
+    pub at: DateTime<Utc>,
+    pub request_id: String,
+    pub key_id: Uuid,
+    pub model: String,
+    pub provider: String,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    pub cost_micros: i64,
+    pub latency_ms: i64,
+    pub status: i64,
+    pub streamed: bool,
+    pub estimated: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UsageGrouping {
+    Key,
+    Model,
+    Day,
+}
+
+/// Filters of `GET /admin/v1/usage`.
+#[derive(Debug, Clone)]
+pub struct UsageQuery {
+    pub key_id: Option<Uuid>,
+    pub model: Option<String>,
+    pub from: Option<DateTime<Utc>>,
+    pub to: Option<DateTime<Utc>>,
+    pub group_by: Option<UsageGrouping>,
+}
+
+/// Totals of one group (or of everything, with no grouping).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UsageGroup {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<Uuid>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// `YYYY-MM-DD`, UTC.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub day: Option<String>,
+    pub requests: i64,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    pub cost_micros: i64,
+}
+
+const DAY_MS: i64 = 86_400_000;
+
+impl Store {
+    /// Writes finished requests in one transaction: their ledger rows and
+    /// audit rows land together or not at all.
+    pub async fn record_requests(
+        &self,
+        ledger: &[LedgerRow],
+        audit: &[NewAuditRecord],
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        for row in ledger {
+            sqlx::query(
+                "INSERT INTO usage_ledger (at, request_id, key_id, model, provider, input_tokens, \
+                 output_tokens, cost_micros, latency_ms, status, streamed, estimated) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+            )
+            .bind(to_millis(row.at))
+            .bind(&row.request_id)
+            .bind(row.key_id.to_string())
+            .bind(&row.model)
+            .bind(&row.provider)
+            .bind(row.input_tokens)
+            .bind(row.output_tokens)
+            .bind(row.cost_micros)
+            .bind(row.latency_ms)
+            .bind(row.status)
+            .bind(i64::from(row.streamed))
+            .bind(i64::from(row.estimated))
+            .execute(&mut *tx)
+            .await?;
+        }
+        for record in audit {
+            sqlx::query(
+                "INSERT INTO audit_log (at, event_type, key_id, request_id, payload, published) \
+                 VALUES ($1, $2, $3, $4, $5, 1)",
+            )
+            .bind(to_millis(record.at))
+            .bind(record.event_type)
+            .bind(record.key_id.map(|k| k.to_string()))
+            .bind(record.request_id.clone())
+            .bind(&record.payload)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The ledger rows of one request (normally one), for checks and support.
+    pub async fn ledger_rows_for_request(
+        &self,
+        request_id: &str,
+    ) -> Result<Vec<LedgerRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT at, request_id, key_id, model, provider, input_tokens, output_tokens, cost_micros, \
+             latency_ms, status, streamed, estimated FROM usage_ledger WHERE request_id = $1 ORDER BY id",
+        )
+        .bind(request_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let key_id: String = row.try_get("key_id")?;
+                Ok(LedgerRow {
+                    at: from_millis(row.try_get("at")?),
+                    request_id: row.try_get("request_id")?,
+                    key_id: Uuid::parse_str(&key_id)
+                        .map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
+                    model: row.try_get("model")?,
+                    provider: row.try_get("provider")?,
+                    input_tokens: row.try_get("input_tokens")?,
+                    output_tokens: row.try_get("output_tokens")?,
+                    cost_micros: row.try_get("cost_micros")?,
+                    latency_ms: row.try_get("latency_ms")?,
+                    status: row.try_get("status")?,
+                    streamed: row.try_get::<i64, _>("streamed")? != 0,
+                    estimated: row.try_get::<i64, _>("estimated")? != 0,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(StoreError::from)
+    }
+
+    /// Token and cost totals, optionally grouped, largest cost first (days
+    /// in date order).
+    pub async fn usage_totals(&self, query: &UsageQuery) -> Result<Vec<UsageGroup>, StoreError> {
+        let (select, group_order) = match query.group_by {
+            None => (String::new(), String::new()),
+            Some(grouping) => {
+                let column = match grouping {
+                    UsageGrouping::Key => "key_id",
+                    UsageGrouping::Model => "model",
+                    UsageGrouping::Day => "at / 86400000",
+                };
+                let order = if grouping == UsageGrouping::Day {
+                    "g"
+                } else {
+                    "cost_micros DESC, g"
+                };
+                (
+                    format!("{column} AS g, "),
+                    format!("GROUP BY {column} ORDER BY {order}"),
+                )
+            }
+        };
+        // Sums are cast back to BIGINT: PostgreSQL widens SUM(bigint) to
+        // NUMERIC, which the portable driver does not decode.
+        let sql = format!(
+            "SELECT {select}CAST(COUNT(*) AS BIGINT) AS requests, \
+             CAST(COALESCE(SUM(input_tokens), 0) AS BIGINT) AS input_tokens, \
+             CAST(COALESCE(SUM(output_tokens), 0) AS BIGINT) AS output_tokens, \
+             CAST(COALESCE(SUM(cost_micros), 0) AS BIGINT) AS cost_micros \
+             FROM usage_ledger \
+             WHERE ($1 = 0 OR key_id = $2) AND ($3 = 0 OR model = $4) \
+               AND ($5 = 0 OR at >= $6) AND ($7 = 0 OR at < $8) \
+             {group_order}"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(i64::from(query.key_id.is_some()))
+            .bind(query.key_id.map(|k| k.to_string()).unwrap_or_default())
+            .bind(i64::from(query.model.is_some()))
+            .bind(query.model.clone().unwrap_or_default())
+            .bind(i64::from(query.from.is_some()))
+            .bind(query.from.map(to_millis).unwrap_or(0))
+            .bind(i64::from(query.to.is_some()))
+            .bind(query.to.map(to_millis).unwrap_or(0))
+            .fetch_all(&self.pool)
+            .await?;
+        let mut groups = Vec::with_capacity(rows.len());
+        for row in rows {
+            let mut group = UsageGroup {
+                key_id: None,
+                model: None,
+                day: None,
+                requests: row.try_get("requests")?,
+                input_tokens: row.try_get("input_tokens")?,
+                output_tokens: row.try_get("output_tokens")?,
+                cost_micros: row.try_get("cost_micros")?,
+            };
+            match query.group_by {
+                None => {}
+                Some(UsageGrouping::Key) => {
+                    let key: String = row.try_get("g")?;
+                    group.key_id = Uuid::parse_str(&key).ok();
+                }
+                Some(UsageGrouping::Model) => group.model = Some(row.try_get("g")?),
+                Some(UsageGrouping::Day) => {
+                    let day: i64 = row.try_get("g")?;
+                    group.day = Some(from_millis(day * DAY_MS).format("%Y-%m-%d").to_string());
+                }
+            }
+            groups.push(group);
+        }
+        Ok(groups)
+    }
+}
