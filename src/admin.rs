@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 use crate::auth::{self, AdminAuth, KeyIdentity};
+use crate::budget::{self, BudgetScope, Period};
 use crate::error::ApiError;
 use crate::events::model::AdminAction;
 use crate::events::EventType;
@@ -27,6 +28,11 @@ pub struct CreateKeyRequest {
     pub expires_in: Option<String>,
     #[serde(default)]
     pub expires_at: Option<DateTime<Utc>>,
+    /// The key's own budget in USD per `budget_period` (default monthly).
+    #[serde(default)]
+    pub budget_usd: Option<f64>,
+    #[serde(default)]
+    pub budget_period: Option<String>,
 }
 
 /// `POST /admin/v1/keys`: the new key is in the answer, and only there.
@@ -56,7 +62,26 @@ pub async fn create_key(
         }
         (None, at) => at,
     };
-    let (record, secret) = auth::issue_api_key(&state.store, name, request.admin, expires_at)
+    let budget = match (request.budget_usd, &request.budget_period) {
+        (Some(usd), period) => Some(
+            auth::key_budget(usd, period.as_deref().unwrap_or("monthly"))
+                .map_err(|m| ApiError::bad_request("invalid_budget", m))?,
+        ),
+        (None, Some(_)) => {
+            return Err(ApiError::bad_request(
+                "invalid_budget",
+                "budget_period needs budget_usd",
+            ))
+        }
+        (None, None) => None,
+    };
+    let spec = auth::KeySpec {
+        name: name.to_owned(),
+        admin: request.admin,
+        expires_at,
+        budget,
+    };
+    let (record, secret) = auth::issue_key(&state.store, spec)
         .await
         .map_err(|e| ApiError::store(&e))?;
     record_action(&state, &admin, "key.created", &record.id.to_string()).await?;
@@ -279,4 +304,95 @@ pub async fn audit(
         "data": records,
         "next_cursor": next_cursor.flatten(),
     })))
+}
+
+/// `GET /admin/v1/budgets`: every budget counter of the current periods —
+/// global budgets once, key-scoped budgets per key with spend, and keys'
+/// own budgets — with spend, thresholds reached, state and reset time.
+pub async fn budgets(
+    State(state): State<AppState>,
+    AdminAuth(_admin): AdminAuth,
+) -> Result<Json<Value>, ApiError> {
+    let now = state.clock.now();
+    let config = state.config.load();
+    let keys = state
+        .store
+        .list_api_keys()
+        .await
+        .map_err(|e| ApiError::store(&e))?;
+    let mut refs = Vec::new();
+    for budget in &config.budgets {
+        match budget.scope {
+            BudgetScope::Global => refs.extend(
+                budget::budgets_for(std::slice::from_ref(budget), Uuid::nil(), None)
+                    .into_iter()
+                    .map(|mut b| {
+                        b.key_id = None;
+                        b
+                    }),
+            ),
+            BudgetScope::Key => {
+                for key in keys.iter().filter(|k| !k.is_revoked()) {
+                    refs.extend(budget::budgets_for(
+                        std::slice::from_ref(budget),
+                        key.id,
+                        None,
+                    ));
+                }
+            }
+        }
+    }
+    for key in keys.iter().filter(|k| !k.is_revoked()) {
+        if let Some(own) = key
+            .budget_micros
+            .zip(key.budget_period.as_deref().and_then(Period::parse))
+        {
+            refs.extend(budget::budgets_for(&[], key.id, Some(own)));
+        }
+    }
+    let starts: Vec<i64> = {
+        let mut starts: Vec<i64> = refs
+            .iter()
+            .map(|b| b.period.start(now).timestamp_millis())
+            .collect();
+        starts.sort_unstable();
+        starts.dedup();
+        starts
+    };
+    let spend = state
+        .store
+        .budget_spend_in(&starts)
+        .await
+        .map_err(|e| ApiError::store(&e))?;
+    let data: Vec<Value> = refs
+        .iter()
+        .map(|b| {
+            let start = b.period.start(now);
+            let spent = spend
+                .iter()
+                .find(|s| s.budget == b.name && s.scope_key == b.scope_key() && s.period_start_ms == start.timestamp_millis())
+                .map_or(0, |s| s.spent_micros);
+            let reached: Vec<u32> = b
+                .thresholds
+                .iter()
+                .copied()
+                .filter(|t| i128::from(spent) * 100 >= i128::from(b.limit_micros) * i128::from(*t))
+                .collect();
+            json!({
+                "budget": b.name,
+                "scope": b.scope,
+                "key_id": b.key_id,
+                "period": b.period,
+                "action": b.action,
+                "limit_micros": b.limit_micros,
+                "spent_micros": spent,
+                "thresholds": b.thresholds,
+                "thresholds_reached": reached,
+                "state": if spent >= b.limit_micros { "exceeded" } else { "ok" },
+                "period_start": start.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                "resets_at": b.period.reset(now).map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+            })
+        })
+        .collect();
+    Ok(Json(json!({"object": "list", "data": data})))
 }

@@ -43,6 +43,8 @@ pub struct Config {
     pub providers: BTreeMap<String, ProviderConfig>,
     #[serde(default)]
     pub models: Vec<ModelConfig>,
+    #[serde(default)]
+    pub budgets: Vec<crate::budget::BudgetConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -233,6 +235,7 @@ impl Default for Config {
             audit: AuditConfig::default(),
             providers: default_providers(),
             models: default_models(),
+            budgets: Vec::new(),
         }
     }
 }
@@ -536,6 +539,16 @@ impl Config {
         for (name, provider) in &self.providers {
             self.validate_provider(name, provider)?;
         }
+        let mut budget_names = std::collections::HashSet::new();
+        for (index, budget) in self.budgets.iter().enumerate() {
+            budget.validate(&format!("budgets.{index}"))?;
+            if !budget_names.insert(budget.name.as_str()) {
+                return fail(
+                    &format!("budgets.{index}.name"),
+                    format!("budget `{}` is declared twice", budget.name),
+                );
+            }
+        }
         let mut seen = std::collections::HashSet::new();
         for (index, model) in self.models.iter().enumerate() {
             if model.name.trim().is_empty() {
@@ -681,6 +694,7 @@ impl Config {
         );
         note("providers", self.providers != other.providers);
         note("models", self.models != other.models);
+        note("budgets", self.budgets != other.budgets);
         changed
     }
 }

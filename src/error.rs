@@ -102,6 +102,16 @@ impl ApiError {
         )
     }
 
+    /// A budget with `action = "block"` is exhausted.
+    pub fn budget_exceeded(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::PAYMENT_REQUIRED,
+            "insufficient_quota",
+            "budget_exceeded",
+            message,
+        )
+    }
+
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,

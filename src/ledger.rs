@@ -14,9 +14,12 @@ use std::time::Duration;
 use chrono::Utc;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::events::model::{AuditRequest, UsageRecorded};
+use std::sync::Arc;
+
+use crate::budget::{BudgetBook, BudgetCrossing, BudgetRef};
+use crate::events::model::{AuditRequest, EventPayload, UsageRecorded};
 use crate::events::EventHub;
-use crate::store::{LedgerRow, NewAuditRecord, Store};
+use crate::store::{LedgerRow, NewAuditRecord, SpendIncrement, Store};
 
 /// Records drained into one transaction at most.
 const MAX_BATCH: usize = 512;
@@ -29,6 +32,8 @@ pub struct FinishedRequest {
     pub audit: AuditRequest,
     /// Present when the request reached a provider on behalf of a key.
     pub ledger: Option<LedgerRow>,
+    /// The budgets the request's cost counts against.
+    pub budgets: Vec<BudgetRef>,
 }
 
 enum Message {
@@ -44,9 +49,9 @@ pub struct RequestLedger {
 
 impl RequestLedger {
     /// Starts the writer task.
-    pub fn start(store: Store, hub: EventHub) -> RequestLedger {
+    pub fn start(store: Store, hub: EventHub, book: Arc<BudgetBook>) -> RequestLedger {
         let (queue, receiver) = mpsc::unbounded_channel();
-        tokio::spawn(write_loop(store, hub, receiver));
+        tokio::spawn(write_loop(store, hub, book, receiver));
         RequestLedger { queue }
     }
 
@@ -69,7 +74,12 @@ impl RequestLedger {
     }
 }
 
-async fn write_loop(store: Store, hub: EventHub, mut receiver: mpsc::UnboundedReceiver<Message>) {
+async fn write_loop(
+    store: Store,
+    hub: EventHub,
+    book: Arc<BudgetBook>,
+    mut receiver: mpsc::UnboundedReceiver<Message>,
+) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = receiver.recv().await {
         let mut close = None;
@@ -93,7 +103,7 @@ async fn write_loop(store: Store, hub: EventHub, mut receiver: mpsc::UnboundedRe
             }
         }
         if !batch.is_empty() {
-            write_batch(&store, &hub, &mut batch).await;
+            write_batch(&store, &hub, &book, &mut batch).await;
         }
         if let Some(done) = close {
             let _ = done.send(());
@@ -102,7 +112,31 @@ async fn write_loop(store: Store, hub: EventHub, mut receiver: mpsc::UnboundedRe
     }
 }
 
-async fn write_batch(store: &Store, hub: &EventHub, batch: &mut Vec<FinishedRequest>) {
+async fn write_batch(
+    store: &Store,
+    hub: &EventHub,
+    book: &BudgetBook,
+    batch: &mut Vec<FinishedRequest>,
+) {
+    // Each request's cost is added to each of its budgets' counters for the
+    // period its ledger row falls in.
+    let mut spends = Vec::new();
+    let mut spent_by = Vec::new();
+    for finished in batch.iter() {
+        let Some(row) = finished.ledger.as_ref().filter(|r| r.cost_micros > 0) else {
+            continue;
+        };
+        for budget in &finished.budgets {
+            let period_start = budget.period.start(row.at);
+            spends.push(SpendIncrement {
+                budget: budget.name.clone(),
+                scope_key: budget.scope_key(),
+                period_start_ms: period_start.timestamp_millis(),
+                amount: row.cost_micros,
+            });
+            spent_by.push((budget, period_start));
+        }
+    }
     let ledger: Vec<LedgerRow> = batch.iter().filter_map(|f| f.ledger.clone()).collect();
     let audit: Vec<NewAuditRecord> = batch
         .iter()
@@ -115,11 +149,26 @@ async fn write_batch(store: &Store, hub: &EventHub, batch: &mut Vec<FinishedRequ
         })
         .collect();
     let mut backoff = Duration::from_millis(50);
-    while let Err(error) = store.record_requests(&ledger, &audit).await {
-        tracing::error!(%error, records = batch.len(), retry_in_ms = backoff.as_millis() as u64,
-            "cannot write the request ledger; retrying");
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(5));
+    let totals = loop {
+        match store.record_requests(&ledger, &audit, &spends).await {
+            Ok(totals) => break totals,
+            Err(error) => {
+                tracing::error!(%error, records = batch.len(), retry_in_ms = backoff.as_millis() as u64,
+                    "cannot write the request ledger; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    };
+    let mut crossings = Vec::new();
+    for ((spend, (budget, period_start)), total) in spends.iter().zip(spent_by).zip(totals) {
+        book.observe(
+            &spend.budget,
+            &spend.scope_key,
+            spend.period_start_ms,
+            total,
+        );
+        crossings.extend(budget.crossings(total - spend.amount, total, period_start));
     }
     for finished in batch.drain(..) {
         if let Some(row) = &finished.ledger {
@@ -137,5 +186,11 @@ async fn write_batch(store: &Store, hub: &EventHub, batch: &mut Vec<FinishedRequ
             }
         }
         hub.publish(finished.audit);
+    }
+    for crossing in crossings {
+        hub.publish(match crossing {
+            BudgetCrossing::Threshold(alert) => EventPayload::BudgetThresholdReached(alert),
+            BudgetCrossing::Exceeded(alert) => EventPayload::BudgetExceeded(alert),
+        });
     }
 }

@@ -94,6 +94,17 @@ enum KeysCommand {
         /// Lifetime such as 30d, 12h or 90m; no expiry when omitted.
         #[arg(long, value_name = "DURATION")]
         expires_in: Option<String>,
+        /// The key's own budget in USD per --budget-period; requests get 402 once it is spent.
+        #[arg(long, value_name = "USD")]
+        budget_usd: Option<f64>,
+        /// daily, weekly, monthly or total.
+        #[arg(
+            long,
+            value_name = "PERIOD",
+            default_value = "monthly",
+            requires = "budget_usd"
+        )]
+        budget_period: String,
     },
     /// List keys (never the keys themselves).
     List {
@@ -254,6 +265,8 @@ async fn keys_command(store: &Store, command: KeysCommand) -> Result<(), Failure
             name,
             admin,
             expires_in,
+            budget_usd,
+            budget_period,
         } => {
             let name = tollgate::auth::validate_key_name(&name).map_err(anyhow::Error::msg)?;
             let expires_at = expires_in
@@ -261,8 +274,17 @@ async fn keys_command(store: &Store, command: KeysCommand) -> Result<(), Failure
                 .map(tollgate::auth::expiry_after)
                 .transpose()
                 .map_err(anyhow::Error::msg)?;
-            let (record, secret) =
-                tollgate::auth::issue_api_key(store, name, admin, expires_at).await?;
+            let budget = budget_usd
+                .map(|usd| tollgate::auth::key_budget(usd, &budget_period))
+                .transpose()
+                .map_err(anyhow::Error::msg)?;
+            let spec = tollgate::auth::KeySpec {
+                name: name.to_owned(),
+                admin,
+                expires_at,
+                budget,
+            };
+            let (record, secret) = tollgate::auth::issue_key(store, spec).await?;
             store
                 .record_admin_action("cli", "key.created", &record.id.to_string(), false)
                 .await?;

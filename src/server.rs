@@ -23,6 +23,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::keys::ApiKeySecret;
 use crate::auth::revocation::KeyRevocations;
+use crate::budget::{BudgetBook, Clock};
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::events::admission::StreamSlots;
@@ -57,6 +58,10 @@ pub struct AppStateInner {
     /// Model name → provider; rebuilt whole on reload.
     pub routing: ArcSwap<Routing>,
     pub ledger: RequestLedger,
+    /// Current periods' spend per budget, for blocking.
+    pub budget_book: Arc<BudgetBook>,
+    /// The time budgets and the ledger go by.
+    pub clock: Arc<Clock>,
 }
 
 impl Deref for AppState {
@@ -78,7 +83,8 @@ impl AppState {
         let ws = &config.features.websocket;
         let hub = EventHub::local(ws.channel_capacity as usize, ws.history_size as usize);
         let node = config.server.node_name.clone().unwrap_or_else(host_name);
-        let ledger = RequestLedger::start(store.clone(), hub.clone());
+        let budget_book = Arc::new(BudgetBook::default());
+        let ledger = RequestLedger::start(store.clone(), hub.clone(), budget_book.clone());
         Ok(AppState(Arc::new(AppStateInner {
             config: ArcSwap::from_pointee(config),
             config_path,
@@ -91,6 +97,8 @@ impl AppState {
             revocations: KeyRevocations::default(),
             routing: ArcSwap::from_pointee(routing),
             ledger,
+            budget_book,
+            clock: Arc::default(),
         })))
     }
 }
@@ -113,6 +121,7 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/v1/config/reload", post(admin::reload_config))
         .route("/admin/v1/usage", get(admin::usage))
         .route("/admin/v1/audit", get(admin::audit))
+        .route("/admin/v1/budgets", get(admin::budgets))
         .route("/ws/events", get(events::ws::ws_events))
         .route("/events/stream", get(events::sse::sse_events))
         .route("/metrics", get(metrics::render))

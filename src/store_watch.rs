@@ -1,12 +1,14 @@
 //! Once a second, notices what changed in the store without passing
 //! through this process: keys revoked by the CLI or another node, keys that
-//! just expired (their streams must close), and admin actions recorded by
-//! the CLI (published here as `audit.admin`).
+//! just expired (their streams must close), admin actions recorded by the
+//! CLI (published here as `audit.admin`), and budget spend of the current
+//! periods (other gateways' requests count too).
 
 use std::time::Duration;
 
 use chrono::Utc;
 
+use crate::budget::Period;
 use crate::events::model::AdminAction;
 use crate::server::AppState;
 
@@ -52,5 +54,36 @@ pub async fn run(state: AppState) {
             }
             Err(error) => tracing::warn!(%error, "cannot read admin actions from the store"),
         }
+        refresh_budget_book(&state).await;
+    }
+}
+
+/// Loads the current periods' counters into the budget book.
+async fn refresh_budget_book(state: &AppState) {
+    let now = state.clock.now();
+    let mut starts: Vec<i64> = [
+        Period::Daily,
+        Period::Weekly,
+        Period::Monthly,
+        Period::Total,
+    ]
+    .into_iter()
+    .map(|p| p.start(now).timestamp_millis())
+    .collect();
+    starts.sort_unstable();
+    starts.dedup();
+    match state.store.budget_spend_in(&starts).await {
+        Ok(rows) => {
+            for row in rows {
+                state.budget_book.observe(
+                    &row.budget,
+                    &row.scope_key,
+                    row.period_start_ms,
+                    row.spent_micros,
+                );
+            }
+            state.budget_book.forget_before(starts[0]);
+        }
+        Err(error) => tracing::warn!(%error, "cannot read budget spend from the store"),
     }
 }

@@ -59,6 +59,7 @@ fn new_key(name: &str, admin: bool, generated: &GeneratedKey) -> NewApiKey {
         key_hash: generated.hash.clone(),
         admin,
         expires_at: None,
+        budget: None,
     }
 }
 

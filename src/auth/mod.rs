@@ -164,25 +164,68 @@ impl FromRequestParts<AppState> for AdminAuth {
     }
 }
 
-/// Creates and stores a new key; returns its record and the key itself,
-/// which exists nowhere else and must be shown to the caller once.
+/// What a new key is: its name, rights, lifetime and own budget.
+#[derive(Debug, Clone, Default)]
+pub struct KeySpec {
+    pub name: String,
+    pub admin: bool,
+    pub expires_at: Option<chrono::DateTime<Utc>>,
+    /// Micro-dollars per period.
+    pub budget: Option<(i64, crate::budget::Period)>,
+}
+
+/// Creates and stores a new key without a budget; see [`issue_key`].
 pub async fn issue_api_key(
     store: &Store,
     name: &str,
     admin: bool,
     expires_at: Option<chrono::DateTime<Utc>>,
 ) -> Result<(ApiKeyRecord, keys::ApiKeySecret), StoreError> {
+    issue_key(
+        store,
+        KeySpec {
+            name: name.to_owned(),
+            admin,
+            expires_at,
+            budget: None,
+        },
+    )
+    .await
+}
+
+/// Creates and stores a new key; returns its record and the key itself,
+/// which exists nowhere else and must be shown to the caller once.
+pub async fn issue_key(
+    store: &Store,
+    spec: KeySpec,
+) -> Result<(ApiKeyRecord, keys::ApiKeySecret), StoreError> {
     let generated = keys::generate();
     let record = store
         .insert_api_key(crate::store::NewApiKey {
-            name: name.to_owned(),
+            name: spec.name,
             prefix: generated.prefix,
             key_hash: generated.hash,
-            admin,
-            expires_at,
+            admin: spec.admin,
+            expires_at: spec.expires_at,
+            budget: spec
+                .budget
+                .map(|(micros, period)| (micros, period.as_str().to_owned())),
         })
         .await?;
     Ok((record, generated.secret))
+}
+
+/// Parses a key budget given by an operator: USD and a period name.
+pub fn key_budget(usd: f64, period: &str) -> Result<(i64, crate::budget::Period), String> {
+    let micros = crate::config::usd_to_micros(usd)
+        .filter(|m| *m > 0)
+        .ok_or_else(|| {
+            "a budget is an amount in USD above zero with at most 6 decimal places".to_owned()
+        })?;
+    let period = crate::budget::Period::parse(period).ok_or_else(|| {
+        format!("`{period}` is not a budget period; expected daily, weekly, monthly or total")
+    })?;
+    Ok((micros, period))
 }
 
 /// Checks a key name given by an operator.

@@ -14,6 +14,7 @@ pub mod provider;
 pub mod stream;
 pub mod usage;
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Body;
@@ -21,19 +22,19 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use chrono::Utc;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
 use self::provider::{Endpoint, ProviderError, Route, UpstreamBody, UpstreamRequest};
 use self::usage::Usage;
 use crate::auth::{self, AuthError};
+use crate::budget::{self, BudgetRef, Clock, Period};
 use crate::error::ApiError;
 use crate::events::model::AuditRequest;
 use crate::ledger::{FinishedRequest, RequestLedger};
 use crate::pricing::Price;
 use crate::server::{AppState, REQUEST_ID_HEADER};
-use crate::store::LedgerRow;
+use crate::store::{ApiKeyRecord, LedgerRow};
 
 /// Names the provider that served a response.
 pub const PROVIDER_HEADER: &str = "x-tollgate-provider";
@@ -84,11 +85,39 @@ async fn authenticate(
     state: &AppState,
     headers: &HeaderMap,
     call: &mut Call,
-) -> Result<(), ApiError> {
+) -> Result<ApiKeyRecord, ApiError> {
     let token = auth::bearer_token(headers).ok_or(AuthError::Missing)??;
     let record = auth::authenticate_key(&state.store, token).await?;
     call.audit.key_id = Some(record.id);
-    Ok(())
+    Ok(record)
+}
+
+/// The budgets a key's requests count against, and whether one that
+/// blocks is exhausted (402, before any upstream call).
+fn check_budgets(state: &AppState, key: &ApiKeyRecord, call: &mut Call) -> Result<(), ApiError> {
+    let own = key
+        .budget_micros
+        .zip(key.budget_period.as_deref().and_then(Period::parse));
+    let budgets = budget::budgets_for(&state.config.load().budgets, key.id, own);
+    let exhausted = state.budget_book.check(&budgets, state.clock.now());
+    call.budgets = budgets;
+    match exhausted {
+        None => Ok(()),
+        Some(exhausted) => Err(ApiError::budget_exceeded(format!(
+            "the {} budget `{}` is exhausted: {} spent of {}; {}",
+            exhausted.budget.period.as_str(),
+            exhausted.budget.name,
+            budget::usd(exhausted.spent_micros),
+            budget::usd(exhausted.budget.limit_micros),
+            match exhausted.resets_at {
+                Some(at) => format!(
+                    "it resets at {}",
+                    at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                ),
+                None => "it is a total budget and does not reset".to_owned(),
+            }
+        ))),
+    }
 }
 
 async fn forward(
@@ -98,7 +127,7 @@ async fn forward(
     body: Body,
     call: &mut Call,
 ) -> Result<Forwarded, ApiError> {
-    authenticate(state, headers, call).await?;
+    let key = authenticate(state, headers, call).await?;
     let limit = state.config.load().server.max_body_bytes as usize;
     let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
         ApiError::payload_too_large(format!(
@@ -115,6 +144,7 @@ async fn forward(
         )
     })?;
     call.routed(&route, request.clone());
+    check_budgets(state, &key, call)?;
     let stream =
         endpoint == Endpoint::ChatCompletions && request.get("stream") == Some(&Value::Bool(true));
     call.audit.stream = stream;
@@ -305,6 +335,8 @@ fn complete(
 /// [`Call::finish`], [`Call::fail`] or the stream relay.
 pub struct Call {
     ledger: RequestLedger,
+    clock: Arc<Clock>,
+    budgets: Vec<BudgetRef>,
     include_bodies: bool,
     started: Instant,
     audit: AuditRequest,
@@ -327,6 +359,8 @@ impl Call {
             .unwrap_or_else(|| Uuid::new_v4().to_string());
         Call {
             ledger: state.ledger.clone(),
+            clock: state.clock.clone(),
+            budgets: Vec::new(),
             include_bodies: state.config.load().audit.include_bodies,
             started: Instant::now(),
             audit: AuditRequest {
@@ -377,6 +411,8 @@ impl Call {
     fn take(&mut self) -> Call {
         let taken = Call {
             ledger: self.ledger.clone(),
+            clock: self.clock.clone(),
+            budgets: std::mem::take(&mut self.budgets),
             include_bodies: self.include_bodies,
             started: self.started,
             audit: self.audit.clone(),
@@ -434,7 +470,7 @@ impl Call {
             audit.request_body = routed.as_ref().map(|r| r.request_body.clone());
             audit.response_text = text;
         }
-        let at = Utc::now();
+        let at = self.clock.now();
         let ledger = match (&routed, audit.key_id, &audit.model) {
             (Some(routed), Some(key_id), Some(model)) => Some(LedgerRow {
                 at,
@@ -454,7 +490,12 @@ impl Call {
             }),
             _ => None,
         };
-        self.ledger.record(FinishedRequest { at, audit, ledger });
+        self.ledger.record(FinishedRequest {
+            at,
+            audit,
+            ledger,
+            budgets: std::mem::take(&mut self.budgets),
+        });
     }
 }
 

@@ -23,6 +23,10 @@ pub struct ApiKeyRecord {
     pub expires_at: Option<DateTime<Utc>>,
     pub revoked_at: Option<DateTime<Utc>>,
     pub last_used_at: Option<DateTime<Utc>>,
+    /// The key's own budget, if it has one: micro-dollars per period.
+    pub budget_micros: Option<i64>,
+    /// `daily`, `weekly`, `monthly` or `total`, with `budget_micros`.
+    pub budget_period: Option<String>,
 }
 
 impl ApiKeyRecord {
@@ -43,10 +47,12 @@ pub struct NewApiKey {
     pub key_hash: String,
     pub admin: bool,
     pub expires_at: Option<DateTime<Utc>>,
+    /// The key's own budget: micro-dollars and period.
+    pub budget: Option<(i64, String)>,
 }
 
-const COLUMNS: &str =
-    "id, name, prefix, key_hash, is_admin, created_at, expires_at, revoked_at, last_used_at";
+const COLUMNS: &str = "id, name, prefix, key_hash, is_admin, created_at, expires_at, revoked_at, \
+     last_used_at, budget_micros, budget_period";
 
 fn record(row: &AnyRow) -> Result<ApiKeyRecord, sqlx::Error> {
     let id: String = row.try_get("id")?;
@@ -66,6 +72,8 @@ fn record(row: &AnyRow) -> Result<ApiKeyRecord, sqlx::Error> {
         last_used_at: row
             .try_get::<Option<i64>, _>("last_used_at")?
             .map(from_millis),
+        budget_micros: row.try_get("budget_micros")?,
+        budget_period: row.try_get("budget_period")?,
     })
 }
 
@@ -82,10 +90,12 @@ impl Store {
             expires_at: key.expires_at.map(|t| from_millis(to_millis(t))),
             revoked_at: None,
             last_used_at: None,
+            budget_micros: key.budget.as_ref().map(|b| b.0),
+            budget_period: key.budget.map(|b| b.1),
         };
         sqlx::query(
-            "INSERT INTO api_keys (id, name, prefix, key_hash, is_admin, created_at, expires_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            "INSERT INTO api_keys (id, name, prefix, key_hash, is_admin, created_at, expires_at, \
+             budget_micros, budget_period) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
         )
         .bind(record.id.to_string())
         .bind(&record.name)
@@ -94,6 +104,8 @@ impl Store {
         .bind(i64::from(record.admin))
         .bind(to_millis(record.created_at))
         .bind(record.expires_at.map(to_millis))
+        .bind(record.budget_micros)
+        .bind(record.budget_period.clone())
         .execute(&self.pool)
         .await?;
         Ok(record)

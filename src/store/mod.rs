@@ -8,6 +8,7 @@
 //! migrations folder only because DDL types differ.
 
 mod audit;
+mod budgets;
 mod keys;
 mod usage;
 
@@ -19,8 +20,9 @@ use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, ConnectOptions, Executor};
 
 pub use audit::{AdminActionRecord, AuditQuery, AuditRecord, NewAuditRecord};
+pub use budgets::BudgetSpend;
 pub use keys::{ApiKeyRecord, NewApiKey};
-pub use usage::{LedgerRow, UsageGroup, UsageGrouping, UsageQuery};
+pub use usage::{LedgerRow, SpendIncrement, UsageGroup, UsageGrouping, UsageQuery};
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");

@@ -26,6 +26,15 @@ pub struct LedgerRow {
     pub estimated: bool,
 }
 
+/// Spend to add to one budget counter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpendIncrement {
+    pub budget: String,
+    pub scope_key: String,
+    pub period_start_ms: i64,
+    pub amount: i64,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UsageGrouping {
     Key,
@@ -64,12 +73,29 @@ const DAY_MS: i64 = 86_400_000;
 impl Store {
     /// Writes finished requests in one transaction: their ledger rows and
     /// audit rows land together or not at all.
+    ///
+    /// `spends` are added to their budget counters in the same transaction;
+    /// the new totals come back in the same order.
     pub async fn record_requests(
         &self,
         ledger: &[LedgerRow],
         audit: &[NewAuditRecord],
-    ) -> Result<(), StoreError> {
+        spends: &[SpendIncrement],
+    ) -> Result<Vec<i64>, StoreError> {
         let mut tx = self.pool.begin().await?;
+        let mut totals = Vec::with_capacity(spends.len());
+        for spend in spends {
+            totals.push(
+                super::budgets::add_spend(
+                    &mut tx,
+                    &spend.budget,
+                    &spend.scope_key,
+                    spend.period_start_ms,
+                    spend.amount,
+                )
+                .await?,
+            );
+        }
         for row in ledger {
             sqlx::query(
                 "INSERT INTO usage_ledger (at, request_id, key_id, model, provider, input_tokens, \
@@ -105,7 +131,7 @@ impl Store {
             .await?;
         }
         tx.commit().await?;
-        Ok(())
+        Ok(totals)
     }
 
     /// The ledger rows of one request (normally one), for checks and support.
