@@ -396,3 +396,15 @@ pub async fn budgets(
         .collect();
     Ok(Json(json!({"object": "list", "data": data})))
 }
+
+/// `GET /admin/v1/providers`: each provider's circuit breaker — state,
+/// counters, when it opened and when it turns half-open, its settings.
+pub async fn providers(State(state): State<AppState>, AdminAuth(_admin): AdminAuth) -> Json<Value> {
+    let routing = state.routing.load();
+    let data: Vec<Value> = routing
+        .providers()
+        .iter()
+        .map(|upstream| json!({"provider": upstream.name, "circuit_breaker": upstream.breaker.snapshot()}))
+        .collect();
+    Json(json!({"object": "list", "data": data}))
+}

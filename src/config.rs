@@ -45,6 +45,8 @@ pub struct Config {
     pub models: Vec<ModelConfig>,
     #[serde(default)]
     pub budgets: Vec<crate::budget::BudgetConfig>,
+    #[serde(default)]
+    pub guardrails: crate::guardrails::GuardrailsConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -169,6 +171,9 @@ pub struct ProviderConfig {
     /// mock: upstream model names that always fail with HTTP 500.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fail_models: Option<Vec<String>>,
+    /// `[providers.NAME.circuit_breaker]`.
+    #[serde(default)]
+    pub circuit_breaker: crate::breaker::CircuitBreakerConfig,
 }
 
 fn default_connect_timeout_secs() -> u64 {
@@ -192,6 +197,7 @@ impl ProviderConfig {
             tokens_per_second: None,
             fail_rate: None,
             fail_models: Some(vec!["mock-fail".to_owned()]),
+            circuit_breaker: Default::default(),
         }
     }
 }
@@ -208,6 +214,10 @@ pub struct ModelConfig {
     pub input_usd_per_mtok: f64,
     #[serde(default)]
     pub output_usd_per_mtok: f64,
+    /// Providers to use, in order, while this model's provider's circuit
+    /// breaker is open. They get the same upstream model name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fallbacks: Vec<String>,
 }
 
 fn default_providers() -> BTreeMap<String, ProviderConfig> {
@@ -221,6 +231,7 @@ fn default_models() -> Vec<ModelConfig> {
         upstream_model: None,
         input_usd_per_mtok: 0.15,
         output_usd_per_mtok: 0.60,
+        fallbacks: Vec::new(),
     };
     // `mock-fail` always fails, to demonstrate failures and alerts.
     vec![mock("mock-1"), mock("mock-fail")]
@@ -236,6 +247,7 @@ impl Default for Config {
             providers: default_providers(),
             models: default_models(),
             budgets: Vec::new(),
+            guardrails: Default::default(),
         }
     }
 }
@@ -539,6 +551,7 @@ impl Config {
         for (name, provider) in &self.providers {
             self.validate_provider(name, provider)?;
         }
+        self.guardrails.validate()?;
         let mut budget_names = std::collections::HashSet::new();
         for (index, budget) in self.budgets.iter().enumerate() {
             budget.validate(&format!("budgets.{index}"))?;
@@ -576,6 +589,17 @@ impl Config {
                             .join(", ")
                     ),
                 );
+            }
+            for (position, fallback) in model.fallbacks.iter().enumerate() {
+                if !self.providers.contains_key(fallback) || *fallback == model.provider {
+                    return fail(
+                        &format!("models.{index}.fallbacks"),
+                        format!(
+                            "fallback {} `{fallback}` is not another declared provider",
+                            position + 1
+                        ),
+                    );
+                }
             }
             for (field, price) in [
                 ("input_usd_per_mtok", model.input_usd_per_mtok),
@@ -645,6 +669,9 @@ impl Config {
                 }
             }
         }
+        provider
+            .circuit_breaker
+            .validate(&format!("providers.{name}.circuit_breaker"))?;
         if provider.connect_timeout_secs == 0 {
             return Err((
                 key("connect_timeout_secs"),
@@ -695,6 +722,7 @@ impl Config {
         note("providers", self.providers != other.providers);
         note("models", self.models != other.models);
         note("budgets", self.budgets != other.budgets);
+        note("guardrails", self.guardrails != other.guardrails);
         changed
     }
 }

@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 use std::sync::Arc;
 
 use crate::budget::{BudgetBook, BudgetCrossing, BudgetRef};
-use crate::events::model::{AuditRequest, EventPayload, UsageRecorded};
+use crate::events::model::{AuditRequest, EventPayload, GuardrailViolation, UsageRecorded};
 use crate::events::EventHub;
 use crate::store::{LedgerRow, NewAuditRecord, SpendIncrement, Store};
 
@@ -34,6 +34,8 @@ pub struct FinishedRequest {
     pub ledger: Option<LedgerRow>,
     /// The budgets the request's cost counts against.
     pub budgets: Vec<BudgetRef>,
+    /// Guardrail hits of the request, kept and published with it.
+    pub violations: Vec<GuardrailViolation>,
 }
 
 enum Message {
@@ -138,16 +140,25 @@ async fn write_batch(
         }
     }
     let ledger: Vec<LedgerRow> = batch.iter().filter_map(|f| f.ledger.clone()).collect();
-    let audit: Vec<NewAuditRecord> = batch
-        .iter()
-        .map(|f| NewAuditRecord {
+    let mut audit: Vec<NewAuditRecord> = Vec::with_capacity(batch.len());
+    for f in batch.iter() {
+        for violation in &f.violations {
+            audit.push(NewAuditRecord {
+                at: f.at,
+                event_type: "audit.guardrail_violation",
+                key_id: violation.key_id,
+                request_id: Some(violation.request_id.clone()),
+                payload: serde_json::to_string(violation).expect("audit payloads serialise"),
+            });
+        }
+        audit.push(NewAuditRecord {
             at: f.at,
             event_type: "audit.request",
             key_id: f.audit.key_id,
             request_id: Some(f.audit.request_id.clone()),
             payload: serde_json::to_string(&f.audit).expect("audit payloads serialise"),
-        })
-        .collect();
+        });
+    }
     let mut backoff = Duration::from_millis(50);
     let totals = loop {
         match store.record_requests(&ledger, &audit, &spends).await {
@@ -170,7 +181,10 @@ async fn write_batch(
         );
         crossings.extend(budget.crossings(total - spend.amount, total, period_start));
     }
-    for finished in batch.drain(..) {
+    for mut finished in batch.drain(..) {
+        for violation in finished.violations.drain(..) {
+            hub.publish(violation);
+        }
         if let Some(row) = &finished.ledger {
             if row.input_tokens > 0 || row.output_tokens > 0 {
                 hub.publish(UsageRecorded {

@@ -5,10 +5,12 @@
 
 pub mod admin;
 pub mod auth;
+pub mod breaker;
 pub mod budget;
 pub mod config;
 pub mod error;
 pub mod events;
+pub mod guardrails;
 pub mod health;
 pub mod ledger;
 pub mod metrics;

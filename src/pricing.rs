@@ -49,6 +49,7 @@ mod tests {
             upstream_model: None,
             input_usd_per_mtok: input_usd,
             output_usd_per_mtok: output_usd,
+            fallbacks: Vec::new(),
         })
     }
 

@@ -10,6 +10,7 @@
 
 use crate::config::{self, ConfigError};
 use crate::events::model::{ConfigReloadFailed, ConfigReloaded};
+use crate::guardrails::Guardrails;
 use crate::proxy::provider::Routing;
 use crate::server::AppState;
 
@@ -28,16 +29,23 @@ pub async fn reload(state: &AppState) -> Result<Vec<String>, ConfigError> {
             })
         });
     let loaded = loaded.and_then(|new| {
-        let routing = Routing::from_config(&new).map_err(|message| ConfigError {
+        let routing =
+            Routing::from_config(&new, &state.breakers).map_err(|message| ConfigError {
+                file: state.config_path.clone(),
+                position: None,
+                key: Some("providers".to_owned()),
+                message,
+            })?;
+        let guardrails = Guardrails::compile(&new.guardrails).map_err(|message| ConfigError {
             file: state.config_path.clone(),
             position: None,
-            key: Some("providers".to_owned()),
+            key: Some("guardrails".to_owned()),
             message,
         })?;
-        Ok((new, routing))
+        Ok((new, routing, guardrails))
     });
     match loaded {
-        Ok((new, routing)) => {
+        Ok((new, routing, guardrails)) => {
             let old = state.config.load_full();
             let changed = old.changed_sections(&new);
             if old.server.listen != new.server.listen || old.database != new.database {
@@ -51,6 +59,7 @@ pub async fn reload(state: &AppState) -> Result<Vec<String>, ConfigError> {
                 .resize(ws.channel_capacity as usize, ws.history_size as usize);
             state.config.store(std::sync::Arc::new(new));
             state.routing.store(std::sync::Arc::new(routing));
+            state.guardrails.store(std::sync::Arc::new(guardrails));
             tracing::info!(changed = ?changed, "configuration reloaded");
             state.hub.publish(ConfigReloaded {
                 changed_sections: changed.clone(),

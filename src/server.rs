@@ -29,8 +29,9 @@ use crate::error::ApiError;
 use crate::events::admission::StreamSlots;
 use crate::events::model::{SystemShutdown, SystemStartup};
 use crate::events::EventHub;
+use crate::guardrails::Guardrails;
 use crate::ledger::RequestLedger;
-use crate::proxy::provider::Routing;
+use crate::proxy::provider::{Breakers, Routing};
 use crate::store::Store;
 use crate::{admin, events, health, metrics, proxy, reload, store_watch};
 
@@ -57,6 +58,10 @@ pub struct AppStateInner {
     pub revocations: KeyRevocations,
     /// Model name → provider; rebuilt whole on reload.
     pub routing: ArcSwap<Routing>,
+    /// Every provider's circuit breaker, kept across reloads.
+    pub breakers: Breakers,
+    /// The compiled `[[guardrails.rules]]`; rebuilt whole on reload.
+    pub guardrails: ArcSwap<Guardrails>,
     pub ledger: RequestLedger,
     /// Current periods' spend per budget, for blocking.
     pub budget_book: Arc<BudgetBook>,
@@ -79,9 +84,11 @@ impl AppState {
         config_path: Option<PathBuf>,
         store: Store,
     ) -> anyhow::Result<AppState> {
-        let routing = Routing::from_config(&config).map_err(anyhow::Error::msg)?;
         let ws = &config.features.websocket;
         let hub = EventHub::local(ws.channel_capacity as usize, ws.history_size as usize);
+        let breakers = Breakers::new(hub.clone());
+        let routing = Routing::from_config(&config, &breakers).map_err(anyhow::Error::msg)?;
+        let guardrails = Guardrails::compile(&config.guardrails).map_err(anyhow::Error::msg)?;
         let node = config.server.node_name.clone().unwrap_or_else(host_name);
         let budget_book = Arc::new(BudgetBook::default());
         let ledger = RequestLedger::start(store.clone(), hub.clone(), budget_book.clone());
@@ -96,6 +103,8 @@ impl AppState {
             shutdown: CancellationToken::new(),
             revocations: KeyRevocations::default(),
             routing: ArcSwap::from_pointee(routing),
+            breakers,
+            guardrails: ArcSwap::from_pointee(guardrails),
             ledger,
             budget_book,
             clock: Arc::default(),
@@ -122,6 +131,7 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/v1/usage", get(admin::usage))
         .route("/admin/v1/audit", get(admin::audit))
         .route("/admin/v1/budgets", get(admin::budgets))
+        .route("/admin/v1/providers", get(admin::providers))
         .route("/ws/events", get(events::ws::ws_events))
         .route("/events/stream", get(events::sse::sse_events))
         .route("/metrics", get(metrics::render))

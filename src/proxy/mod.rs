@@ -25,12 +25,15 @@ use bytes::Bytes;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use self::provider::{Endpoint, ProviderError, Route, UpstreamBody, UpstreamRequest};
+use self::provider::{Endpoint, ProviderError, Route, Upstream, UpstreamBody, UpstreamRequest};
 use self::usage::Usage;
 use crate::auth::{self, AuthError};
+use crate::breaker::{Admission, Permit};
 use crate::budget::{self, BudgetRef, Clock, Period};
 use crate::error::ApiError;
 use crate::events::model::AuditRequest;
+use crate::events::model::GuardrailAction;
+use crate::guardrails::{Guardrails, Hit, Verdict};
 use crate::ledger::{FinishedRequest, RequestLedger};
 use crate::pricing::Price;
 use crate::server::{AppState, REQUEST_ID_HEADER};
@@ -60,7 +63,7 @@ pub async fn list_models(State(state): State<AppState>, headers: HeaderMap) -> R
     let routing = state.routing.load();
     let data: Vec<Value> = routing
         .models()
-        .map(|route| json!({"id": route.model, "object": "model", "created": 0, "owned_by": route.provider_name}))
+        .map(|route| json!({"id": route.model, "object": "model", "created": 0, "owned_by": route.provider_name()}))
         .collect();
     call.finish_without_usage(StatusCode::OK, None);
     axum::Json(json!({"object": "list", "data": data})).into_response()
@@ -135,6 +138,11 @@ async fn forward(
         ))
     })?;
     let mut request = parse_request(endpoint, &bytes)?;
+    let verdict = call.guardrails.check_input(&mut request);
+    call.hits.extend(verdict.hits);
+    if let Some(rule) = verdict.blocked_by {
+        return Err(guardrail_blocked(&rule, "request"));
+    }
     let model = request["model"].as_str().unwrap_or_default().to_owned();
     call.audit.model = Some(model.clone());
     let route = state.routing.load().route(&model).cloned().ok_or_else(|| {
@@ -145,6 +153,8 @@ async fn forward(
     })?;
     call.routed(&route, request.clone());
     check_budgets(state, &key, call)?;
+    let (upstream_choice, permit) = choose_upstream(&route)?;
+    call.served_by(&upstream_choice.name);
     let stream =
         endpoint == Endpoint::ChatCompletions && request.get("stream") == Some(&Value::Bool(true));
     call.audit.stream = stream;
@@ -164,16 +174,26 @@ async fn forward(
             None => request["stream_options"] = json!({"include_usage": true}),
         }
     }
-    let upstream = route
+    let sent = upstream_choice
         .provider
         .send(UpstreamRequest {
             endpoint,
             body: request,
             stream,
         })
-        .await
-        .map_err(|e| provider_error(&route.provider_name, e))?;
+        .await;
+    let upstream = match sent {
+        Ok(upstream) => upstream,
+        Err(error) => {
+            permit.failure(&error.to_string());
+            return Err(provider_error(&upstream_choice.name, error));
+        }
+    };
+    // A streamed answer counts by its status when it begins; the provider
+    // answered, whatever becomes of the stream.
+    permit.report(upstream_choice.breaker.classify(Some(upstream.status)));
     let status = StatusCode::from_u16(upstream.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    let provider_name = upstream_choice.name.as_str();
     match upstream.body {
         UpstreamBody::Stream(events) if status.is_success() => {
             let relay = stream::relay(events, call.take(), client_wants_usage);
@@ -184,7 +204,7 @@ async fn forward(
                 HeaderValue::from_static("text/event-stream"),
             );
             headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-            insert_provider(headers, &route.provider_name);
+            insert_provider(headers, provider_name);
             Ok(Forwarded::Stream(response))
         }
         UpstreamBody::Stream(_) => Err(ApiError::bad_gateway(
@@ -192,9 +212,37 @@ async fn forward(
             "the provider answered an error as a stream",
         )),
         UpstreamBody::Complete(body) => {
-            complete(endpoint, call, &route, status, body).map(Forwarded::Complete)
+            complete(endpoint, call, provider_name, status, body).map(Forwarded::Complete)
         }
     }
+}
+
+/// The first of the route's providers whose circuit breaker admits the
+/// request: its own provider, else its fallbacks in order. None admits →
+/// 503 `provider_unavailable` with the soonest `Retry-After`.
+fn choose_upstream(route: &Route) -> Result<(&Upstream, Permit), ApiError> {
+    let mut retry_after = u64::MAX;
+    for upstream in &route.upstreams {
+        match upstream.breaker.admit() {
+            Admission::Allowed(permit) => return Ok((upstream, permit)),
+            Admission::Rejected { retry_after_secs } => {
+                retry_after = retry_after.min(retry_after_secs)
+            }
+        }
+    }
+    let names: Vec<&str> = route.upstreams.iter().map(|u| u.name.as_str()).collect();
+    Err(ApiError::unavailable(
+        "provider_unavailable",
+        format!(
+            "the circuit breaker of {} is open after repeated failures; retry after {retry_after} s",
+            names
+                .iter()
+                .map(|n| format!("`{n}`"))
+                .collect::<Vec<_>>()
+                .join(" and of ")
+        ),
+        retry_after.max(1),
+    ))
 }
 
 /// Checks what must be there to route and answer clearly.
@@ -242,6 +290,14 @@ fn parse_request(endpoint: Endpoint, bytes: &Bytes) -> Result<Value, ApiError> {
     Ok(request)
 }
 
+/// 400 `guardrail_violation`, naming the rule (never what it matched).
+fn guardrail_blocked(rule: &str, what: &str) -> ApiError {
+    ApiError::bad_request(
+        "guardrail_violation",
+        format!("the {what} was blocked by the guardrail rule `{rule}`"),
+    )
+}
+
 fn provider_error(provider: &str, error: ProviderError) -> ApiError {
     tracing::warn!(provider, %error, "provider request failed");
     match error {
@@ -270,7 +326,7 @@ fn insert_provider(headers: &mut HeaderMap, provider: &str) {
 fn complete(
     endpoint: Endpoint,
     call: &mut Call,
-    route: &Route,
+    provider_name: &str,
     status: StatusCode,
     body: Bytes,
 ) -> Result<Response, ApiError> {
@@ -285,22 +341,42 @@ fn complete(
             "upstream_error",
             format!(
                 "the provider `{}` failed with HTTP {}: {message}",
-                route.provider_name,
+                provider_name,
                 status.as_u16()
             ),
         ));
     }
     let mut response = if status.is_success() {
-        let Some(answer) = &upstream_json else {
+        let Some(mut answer) = upstream_json else {
             return Err(ApiError::bad_gateway(
                 "upstream_error",
                 "the provider's answer is not JSON",
             ));
         };
-        let usage = usage::of_response(endpoint, call.request_body(), answer);
-        let text = usage::completion_text(answer);
+        let usage = usage::of_response(endpoint, call.request_body(), &answer);
+        let verdict = match endpoint {
+            Endpoint::ChatCompletions => call.guardrails.check_output_json(&mut answer),
+            Endpoint::Embeddings => Verdict::default(),
+        };
+        let redacted = verdict
+            .hits
+            .iter()
+            .any(|h| h.action == GuardrailAction::Redacted);
+        call.hits.extend(verdict.hits);
+        if let Some(rule) = verdict.blocked_by {
+            // The tokens were spent: the request is recorded with its usage.
+            let error = guardrail_blocked(&rule, "response");
+            call.take()
+                .finish(error.status, usage, Some(error.code), None);
+            return Ok(error.into_response());
+        }
+        let text = usage::completion_text(&answer);
         call.take().finish(status, usage, None, Some(text));
-        Response::new(Body::from(body))
+        if redacted {
+            Response::new(Body::from(answer.to_string()))
+        } else {
+            Response::new(Body::from(body))
+        }
     } else {
         // A client error: the upstream's status and message reach the
         // client; its error body is kept when it has OpenAI's shape.
@@ -326,7 +402,7 @@ fn complete(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
-    insert_provider(response.headers_mut(), &route.provider_name);
+    insert_provider(response.headers_mut(), provider_name);
     Ok(response)
 }
 
@@ -335,6 +411,9 @@ fn complete(
 /// [`Call::finish`], [`Call::fail`] or the stream relay.
 pub struct Call {
     ledger: RequestLedger,
+    guardrails: Arc<Guardrails>,
+    /// Guardrail hits so far, recorded with the request.
+    hits: Vec<Hit>,
     clock: Arc<Clock>,
     budgets: Vec<BudgetRef>,
     include_bodies: bool,
@@ -359,6 +438,8 @@ impl Call {
             .unwrap_or_else(|| Uuid::new_v4().to_string());
         Call {
             ledger: state.ledger.clone(),
+            guardrails: state.guardrails.load_full(),
+            hits: Vec::new(),
             clock: state.clock.clone(),
             budgets: Vec::new(),
             include_bodies: state.config.load().audit.include_bodies,
@@ -383,9 +464,9 @@ impl Call {
     }
 
     fn routed(&mut self, route: &Route, request_body: Value) {
-        self.audit.provider = Some(route.provider_name.clone());
+        self.audit.provider = Some(route.provider_name().to_owned());
         self.routed = Some(Routed {
-            provider: route.provider_name.clone(),
+            provider: route.provider_name().to_owned(),
             price: route.price,
             request_body,
         });
@@ -394,6 +475,15 @@ impl Call {
     fn request_body(&self) -> &Value {
         static EMPTY: Value = Value::Null;
         self.routed.as_ref().map_or(&EMPTY, |r| &r.request_body)
+    }
+
+    /// Records which provider actually serves the request (a fallback,
+    /// when the model's own provider's breaker is open).
+    fn served_by(&mut self, provider: &str) {
+        self.audit.provider = Some(provider.to_owned());
+        if let Some(routed) = &mut self.routed {
+            routed.provider = provider.to_owned();
+        }
     }
 
     /// The gateway's count of the request's input tokens.
@@ -411,6 +501,8 @@ impl Call {
     fn take(&mut self) -> Call {
         let taken = Call {
             ledger: self.ledger.clone(),
+            guardrails: self.guardrails.clone(),
+            hits: std::mem::take(&mut self.hits),
             clock: self.clock.clone(),
             budgets: std::mem::take(&mut self.budgets),
             include_bodies: self.include_bodies,
@@ -446,6 +538,12 @@ impl Call {
 
     /// Records a streamed request: its status was 200 when the stream began.
     pub fn finish_stream(mut self, usage: Usage, error: Option<&str>, text: String) {
+        // Output rules cannot change what was already sent: they are
+        // checked on the whole text afterwards and their hits are warnings.
+        if self.guardrails.has_output_rules() {
+            let hits = self.guardrails.check_streamed_output(&text);
+            self.hits.extend(hits);
+        }
         self.finish_inner(StatusCode::OK, usage, error, Some(text));
     }
 
@@ -490,11 +588,17 @@ impl Call {
             }),
             _ => None,
         };
+        let violations = self
+            .hits
+            .drain(..)
+            .map(|hit| hit.violation(&audit.request_id, audit.key_id))
+            .collect();
         self.ledger.record(FinishedRequest {
             at,
             audit,
             ledger,
             budgets: std::mem::take(&mut self.budgets),
+            violations,
         });
     }
 }

@@ -9,13 +9,15 @@
 //! proxy layer reads usage from both the same way, whoever produced them.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 
+use crate::breaker::{CircuitBreaker, CircuitBreakerConfig};
 use crate::config::{Config, ProviderType};
+use crate::events::EventHub;
 use crate::pricing::Price;
 
 /// The OpenAI API operations the gateway proxies.
@@ -72,14 +74,62 @@ pub trait Provider: Send + Sync {
     ) -> BoxFuture<'static, Result<UpstreamResponse, ProviderError>>;
 }
 
-/// A public model name's destination.
+/// One provider as a route uses it: its name, the provider, and the
+/// provider's circuit breaker (shared by every model routed to it).
+#[derive(Clone)]
+pub struct Upstream {
+    pub name: String,
+    pub provider: Arc<dyn Provider>,
+    pub breaker: Arc<CircuitBreaker>,
+}
+
+/// A public model name's destination: its provider, then its fallbacks.
 #[derive(Clone)]
 pub struct Route {
     pub model: String,
-    pub provider_name: String,
-    pub provider: Arc<dyn Provider>,
+    /// The model's provider first, then its `fallbacks` in order.
+    pub upstreams: Vec<Upstream>,
     pub upstream_model: String,
     pub price: Price,
+}
+
+impl Route {
+    pub fn provider_name(&self) -> &str {
+        &self.upstreams[0].name
+    }
+}
+
+/// Every provider's circuit breaker, kept across configuration reloads so
+/// a reload neither resets nor forgets a breaker's state.
+pub struct Breakers {
+    hub: EventHub,
+    by_provider: Mutex<HashMap<String, Arc<CircuitBreaker>>>,
+}
+
+impl Breakers {
+    pub fn new(hub: EventHub) -> Breakers {
+        Breakers {
+            hub,
+            by_provider: Mutex::default(),
+        }
+    }
+
+    /// The provider's breaker, created on first use, with `config` applied.
+    fn get(&self, provider: &str, config: &CircuitBreakerConfig) -> Arc<CircuitBreaker> {
+        let mut map = self.by_provider.lock().unwrap_or_else(|e| e.into_inner());
+        match map.get(provider) {
+            Some(breaker) => {
+                breaker.set_config(config.clone());
+                breaker.clone()
+            }
+            None => {
+                let breaker =
+                    CircuitBreaker::new(provider.to_owned(), config.clone(), self.hub.clone());
+                map.insert(provider.to_owned(), breaker.clone());
+                breaker
+            }
+        }
+    }
 }
 
 /// Model name → route, built from one configuration.
@@ -88,12 +138,14 @@ pub struct Routing {
     routes: HashMap<String, Route>,
     /// Model names in configuration order, for `GET /v1/models`.
     order: Vec<String>,
+    /// Every configured provider, by name, for `GET /admin/v1/providers`.
+    upstreams: Vec<Upstream>,
 }
 
 impl Routing {
     /// Builds every provider of a validated configuration.
-    pub fn from_config(config: &Config) -> Result<Routing, String> {
-        let mut providers: HashMap<&str, Arc<dyn Provider>> = HashMap::new();
+    pub fn from_config(config: &Config, breakers: &Breakers) -> Result<Routing, String> {
+        let mut upstreams: HashMap<&str, Upstream> = HashMap::new();
         for (name, provider) in &config.providers {
             let built: Arc<dyn Provider> = match provider.kind {
                 ProviderType::Openai => Arc::new(
@@ -102,20 +154,32 @@ impl Routing {
                 ),
                 ProviderType::Mock => Arc::new(super::mock::MockProvider::new(provider)),
             };
-            providers.insert(name, built);
+            upstreams.insert(
+                name,
+                Upstream {
+                    name: name.clone(),
+                    provider: built,
+                    breaker: breakers.get(name, &provider.circuit_breaker),
+                },
+            );
         }
         let mut routing = Routing::default();
         for model in &config.models {
-            let provider = providers
-                .get(model.provider.as_str())
-                .ok_or_else(|| format!("model `{}` names no provider", model.name))?;
+            let chain = std::iter::once(&model.provider)
+                .chain(&model.fallbacks)
+                .map(|name| {
+                    upstreams
+                        .get(name.as_str())
+                        .cloned()
+                        .ok_or_else(|| format!("model `{}` names no provider `{name}`", model.name))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
             routing.order.push(model.name.clone());
             routing.routes.insert(
                 model.name.clone(),
                 Route {
                     model: model.name.clone(),
-                    provider_name: model.provider.clone(),
-                    provider: provider.clone(),
+                    upstreams: chain,
                     upstream_model: model
                         .upstream_model
                         .clone()
@@ -124,6 +188,9 @@ impl Routing {
                 },
             );
         }
+        let mut all: Vec<Upstream> = upstreams.into_values().collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        routing.upstreams = all;
         Ok(routing)
     }
 
@@ -133,5 +200,9 @@ impl Routing {
 
     pub fn models(&self) -> impl Iterator<Item = &Route> {
         self.order.iter().filter_map(|name| self.routes.get(name))
+    }
+
+    pub fn providers(&self) -> &[Upstream] {
+        &self.upstreams
     }
 }
