@@ -653,6 +653,12 @@ impl Config {
                 }
             }
             ProviderType::Mock => {
+                if provider.tokens_per_second.is_some_and(|t| t > 1_000_000) {
+                    return Err((
+                        key("tokens_per_second"),
+                        "must be at most 1000000 (0 sends every chunk at once)".to_owned(),
+                    ));
+                }
                 if let Some(rate) = provider.fail_rate {
                     if !(0.0..=1.0).contains(&rate) {
                         return Err((key("fail_rate"), "must be between 0.0 and 1.0".to_owned()));

@@ -134,7 +134,7 @@ impl MockProvider {
         }
         events.push(sse("[DONE]"));
         let pause = (self.tokens_per_second > 0)
-            .then(|| Duration::from_secs(1) / self.tokens_per_second as u32);
+            .then(|| Duration::from_secs_f64(1.0 / self.tokens_per_second as f64));
         let stream = futures::stream::iter(events.into_iter().enumerate()).then(
             move |(i, event)| async move {
                 if let Some(pause) = pause.filter(|_| i > 0) {
