@@ -69,7 +69,7 @@ async fn budget_events(server: &TestServer, client: &mut WsClient) -> Vec<Value>
     let mut events = Vec::new();
     loop {
         let frame = client.next_json().await;
-        if frame["id"] == marker.id.to_string() {
+        if frame["id"].as_str() == Some(marker.id.to_string().as_str()) {
             return events;
         }
         if frame["topic"] == "budget" {

@@ -138,13 +138,13 @@ async fn forward(
         ))
     })?;
     let mut request = parse_request(endpoint, &bytes)?;
+    let model = request["model"].as_str().unwrap_or_default().to_owned();
+    call.audit.model = Some(model.clone());
     let verdict = call.guardrails.check_input(&mut request);
     call.hits.extend(verdict.hits);
     if let Some(rule) = verdict.blocked_by {
         return Err(guardrail_blocked(&rule, "request"));
     }
-    let model = request["model"].as_str().unwrap_or_default().to_owned();
-    call.audit.model = Some(model.clone());
     let route = state.routing.load().route(&model).cloned().ok_or_else(|| {
         ApiError::not_found(
             "model_not_found",
