@@ -390,3 +390,72 @@ async fn the_readme_configuration_example_is_valid() {
     let shown = run(command).await.succeeded();
     assert!(!shown.contains("sk-readme-example"), "{shown}");
 }
+
+#[tokio::test]
+async fn keys_create_with_a_budget_stores_it_and_refuses_a_bad_one() {
+    let (workspace, config) = workspace();
+    create_key(
+        &workspace,
+        &config,
+        &[
+            "--name",
+            "capped",
+            "--budget-usd",
+            "5",
+            "--budget-period",
+            "weekly",
+        ],
+    )
+    .await;
+    create_key(
+        &workspace,
+        &config,
+        &["--name", "default-period", "--budget-usd", "0.25"],
+    )
+    .await;
+    let (listed, raw) = list_json(&workspace, &config).await;
+    let budgets: Vec<(&str, i64, &str)> = listed
+        .iter()
+        .map(|k| {
+            (
+                k["name"].as_str().unwrap(),
+                k["budget_micros"].as_i64().unwrap(),
+                k["budget_period"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        budgets,
+        [
+            ("capped", 5_000_000, "weekly"),
+            ("default-period", 250_000, "monthly")
+        ],
+        "{raw}"
+    );
+    for args in [
+        [
+            "create",
+            "--name",
+            "x",
+            "--budget-usd",
+            "5",
+            "--budget-period",
+            "hourly",
+        ],
+        [
+            "create",
+            "--name",
+            "x",
+            "--budget-usd",
+            "0",
+            "--budget-period",
+            "daily",
+        ],
+    ] {
+        let run = keys(&workspace, &config, &args).await;
+        assert_eq!(run.code, Some(1), "{}", run.stderr);
+        assert!(run.stderr.contains("budget"), "{}", run.stderr);
+    }
+    let (listed, _) = list_json(&workspace, &config).await;
+    assert_eq!(listed.len(), 2, "a refused key is not created");
+}
