@@ -51,6 +51,24 @@ async fn create_key(server: &TestServer, request: Value) -> Value {
     response.json().await.unwrap()
 }
 
+/// `DELETE path` with the admin key.
+async fn admin_delete(server: &TestServer, path: &str) -> reqwest::Response {
+    call(server, Method::DELETE, path, Some(&server.admin_key), None).await
+}
+
+/// One request to each admin endpoint: (method, path, body).
+fn admin_endpoints() -> [(Method, String, Option<Value>); 3] {
+    [
+        (Method::GET, KEYS.to_owned(), None),
+        (Method::POST, KEYS.to_owned(), Some(json!({"name": "x"}))),
+        (
+            Method::DELETE,
+            format!("{KEYS}/{}", uuid::Uuid::new_v4()),
+            None,
+        ),
+    ]
+}
+
 /// An error's HTTP status with the OpenAI `type` that goes with it.
 type ErrorKind = (StatusCode, &'static str);
 const BAD_REQUEST: ErrorKind = (StatusCode::BAD_REQUEST, "invalid_request_error");
@@ -78,12 +96,7 @@ async fn assert_error(response: reqwest::Response, (status, kind): ErrorKind, co
 #[tokio::test]
 async fn requests_without_a_key_get_401_missing_api_key() {
     let server = TestServer::start(|_| {}).await;
-    let id = uuid::Uuid::new_v4();
-    for (method, path, body) in [
-        (Method::GET, KEYS.to_owned(), None),
-        (Method::POST, KEYS.to_owned(), Some(json!({"name": "x"}))),
-        (Method::DELETE, format!("{KEYS}/{id}"), None),
-    ] {
+    for (method, path, body) in admin_endpoints() {
         let response = call(&server, method, &path, None, body).await;
         assert_error(response, UNAUTHORIZED, "missing_api_key").await;
     }
@@ -116,12 +129,7 @@ async fn malformed_or_unknown_keys_get_401_invalid_api_key() {
 async fn a_non_admin_key_gets_403_on_every_admin_endpoint() {
     let server = TestServer::start(|_| {}).await;
     let key = server.create_key("app", false).await;
-    let id = uuid::Uuid::new_v4();
-    for (method, path, body) in [
-        (Method::GET, KEYS.to_owned(), None),
-        (Method::POST, KEYS.to_owned(), Some(json!({"name": "x"}))),
-        (Method::DELETE, format!("{KEYS}/{id}"), None),
-    ] {
+    for (method, path, body) in admin_endpoints() {
         let response = call(&server, method, &path, Some(&key), body).await;
         assert_error(response, FORBIDDEN, "admin_required").await;
     }
@@ -236,14 +244,7 @@ async fn delete_revokes_a_key_which_then_gets_401_revoked_api_key() {
     assert_eq!(list_keys(&server, key).await.len(), 2);
 
     let path = format!("{KEYS}/{id}");
-    let response = call(
-        &server,
-        Method::DELETE,
-        &path,
-        Some(&server.admin_key),
-        None,
-    )
-    .await;
+    let response = admin_delete(&server, &path).await;
     assert_eq!(response.status(), StatusCode::OK);
     let revoked: Value = response.json().await.unwrap();
     assert_eq!(revoked["id"], id);
@@ -256,30 +257,16 @@ async fn delete_revokes_a_key_which_then_gets_401_revoked_api_key() {
     assert_eq!(listed[1]["revoked_at"], revoked_at);
 
     // Revoking again is harmless and keeps the first time.
-    let response = call(
-        &server,
-        Method::DELETE,
-        &path,
-        Some(&server.admin_key),
-        None,
-    )
-    .await;
+    let response = admin_delete(&server, &path).await;
     assert_eq!(response.status(), StatusCode::OK);
     let again: Value = response.json().await.unwrap();
     assert_eq!(again["revoked_at"], revoked_at);
 
     let unknown = format!("{KEYS}/{}", uuid::Uuid::new_v4());
-    let response = call(
-        &server,
-        Method::DELETE,
-        &unknown,
-        Some(&server.admin_key),
-        None,
-    )
-    .await;
+    let response = admin_delete(&server, &unknown).await;
     assert_error(response, NOT_FOUND, "key_not_found").await;
     let bad = format!("{KEYS}/not-a-uuid");
-    let response = call(&server, Method::DELETE, &bad, Some(&server.admin_key), None).await;
+    let response = admin_delete(&server, &bad).await;
     assert_error(response, BAD_REQUEST, "invalid_key_id").await;
     server.shutdown().await;
 }
@@ -323,23 +310,11 @@ async fn a_key_stored_already_expired_gets_401_expired_api_key() {
 #[tokio::test]
 async fn using_a_key_records_when_it_was_last_used() {
     let server = TestServer::start(|_| {}).await;
-    let hash = keys::hash(&server.admin_key);
-    let record = server
-        .state
-        .store
-        .find_api_key_by_hash(&hash)
-        .await
-        .unwrap();
-    assert_eq!(record.unwrap().last_used_at, None);
+    let record = server.key_record(&server.admin_key).await;
+    assert_eq!(record.last_used_at, None);
     list_keys(&server, &server.admin_key).await;
     wait_until("last_used_at is recorded", DEADLINE, || async {
-        let record = server
-            .state
-            .store
-            .find_api_key_by_hash(&hash)
-            .await
-            .unwrap()
-            .unwrap();
+        let record = server.key_record(&server.admin_key).await;
         record
             .last_used_at
             .is_some_and(|at| (Utc::now() - at) < Duration::minutes(1))

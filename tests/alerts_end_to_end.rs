@@ -6,23 +6,16 @@
 #[path = "support/stream_client.rs"]
 mod stream_client;
 mod support;
+#[path = "support/switchable_upstream.rs"]
+mod switchable_upstream;
 
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
-use std::sync::Arc;
-
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
-use axum::{Json, Router};
 use serde_json::{json, Value};
 use stream_client::WsClient;
-use support::TestServer;
-use tokio::task::JoinHandle;
+use support::{marker, TestServer};
+use switchable_upstream::FlakyUpstream;
 use tollgate::breaker::CircuitBreakerConfig;
 use tollgate::budget::{BudgetAction, BudgetConfig, BudgetScope, Period};
 use tollgate::config::{ModelConfig, ProviderConfig};
-use tollgate::events::model::SystemStartup;
 
 /// A mock-1 request with this prompt costs 6 micro-dollars (see
 /// tests/budgets.rs).
@@ -31,81 +24,6 @@ const REQUEST_COST: i64 = 6;
 /// 30 µ$: 50% is crossed by the 3rd mock-1 request (18), 80% by the 4th
 /// (24), the limit by the 5th (30).
 const LIMIT_USD: f64 = 0.00003;
-
-/// An OpenAI-compatible upstream answering every request with the status
-/// it is told: 200 with a completion and usage, else an error.
-struct FlakyUpstream {
-    addr: SocketAddr,
-    status: Arc<AtomicU16>,
-    hits: Arc<AtomicUsize>,
-    task: JoinHandle<()>,
-}
-
-impl FlakyUpstream {
-    async fn start(status: u16) -> FlakyUpstream {
-        let state = (
-            Arc::new(AtomicU16::new(status)),
-            Arc::new(AtomicUsize::new(0)),
-        );
-        let app = Router::new().fallback(answer).with_state(state.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind the upstream on 127.0.0.1:0");
-        let addr = listener.local_addr().unwrap();
-        let task = tokio::spawn(async move {
-            axum::serve(listener, app)
-                .await
-                .expect("the upstream serves");
-        });
-        FlakyUpstream {
-            addr,
-            status: state.0,
-            hits: state.1,
-            task,
-        }
-    }
-
-    fn set_status(&self, status: u16) {
-        self.status.store(status, Ordering::SeqCst);
-    }
-
-    fn hits(&self) -> usize {
-        self.hits.load(Ordering::SeqCst)
-    }
-}
-
-impl Drop for FlakyUpstream {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-async fn answer(State((status, hits)): State<(Arc<AtomicU16>, Arc<AtomicUsize>)>) -> Response {
-    hits.fetch_add(1, Ordering::SeqCst);
-    let status = status.load(Ordering::SeqCst);
-    let body = if status == 200 {
-        json!({
-            "id": "chatcmpl-flaky", "object": "chat.completion", "created": 1_700_000_000,
-            "model": "flaky-model",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "fine"},
-                "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 10, "completion_tokens": 7, "total_tokens": 17},
-        })
-    } else {
-        json!({"error": {"message": format!("scripted HTTP {status}"), "type": "server_error"}})
-    };
-    (StatusCode::from_u16(status).unwrap(), Json(body)).into_response()
-}
-
-async fn chat(server: &TestServer, key: &str, model: &str) -> reqwest::Response {
-    reqwest::Client::new()
-        .post(server.url("/v1/chat/completions"))
-        .bearer_auth(key)
-        .json(&json!({"model": model, "messages": [{"role": "user", "content": PROMPT}]}))
-        .send()
-        .await
-        .unwrap()
-}
 
 /// The next frame, kept in `log`.
 async fn next_frame(client: &mut WsClient, log: &mut Vec<Value>) -> Value {
@@ -146,7 +64,7 @@ fn ev(kind: &str, what: &str) -> (String, String) {
 #[tokio::test]
 async fn one_subscriber_sees_budget_and_breaker_alerts_each_once_in_order() {
     let up = FlakyUpstream::start(500).await;
-    let base_url = format!("http://{}/v1", up.addr);
+    let base_url = up.base_url();
     let server = TestServer::start(move |c| {
         // The default mock provider and mock-1 stay; `up` is added.
         let mut provider: ProviderConfig = serde_json::from_value(json!({
@@ -192,14 +110,14 @@ async fn one_subscriber_sees_budget_and_breaker_alerts_each_once_in_order() {
     // before the next request, so the order on the stream is the order
     // things happened; a stray alert would be read in its place.
     for _ in 0..3 {
-        assert_eq!(chat(&server, &key, "mock-1").await.status(), 200);
+        assert_eq!(server.chat(&key, "mock-1", PROMPT).await.status(), 200);
     }
     let frame = next_frame(&mut client, &mut log).await;
     assert_eq!(
         summary(&frame),
         ev("budget.threshold_reached", "team 50% 18/30")
     );
-    assert_eq!(chat(&server, &key, "mock-1").await.status(), 200);
+    assert_eq!(server.chat(&key, "mock-1", PROMPT).await.status(), 200);
     let frame = next_frame(&mut client, &mut log).await;
     assert_eq!(
         summary(&frame),
@@ -208,7 +126,7 @@ async fn one_subscriber_sees_budget_and_breaker_alerts_each_once_in_order() {
 
     // The provider: three failures open its breaker…
     for _ in 0..3 {
-        let response = chat(&server, &key, "up-model").await;
+        let response = server.chat(&key, "up-model", PROMPT).await;
         assert_eq!(response.status(), 502);
         let body: Value = response.json().await.unwrap();
         assert_eq!(body["error"]["code"], "upstream_error");
@@ -219,7 +137,7 @@ async fn one_subscriber_sees_budget_and_breaker_alerts_each_once_in_order() {
         ev("circuit_breaker.state_changed", "up closed->open (3)")
     );
     // …which refuses at once…
-    let refused = chat(&server, &key, "up-model").await;
+    let refused = server.chat(&key, "up-model", PROMPT).await;
     assert_eq!(refused.status(), 503);
     assert_eq!(refused.headers()["retry-after"], "1");
     let body: Value = refused.json().await.unwrap();
@@ -233,7 +151,7 @@ async fn one_subscriber_sees_budget_and_breaker_alerts_each_once_in_order() {
     );
     // …and closes on a successful trial.
     up.set_status(200);
-    let served = chat(&server, &key, "up-model").await;
+    let served = server.chat(&key, "up-model", PROMPT).await;
     assert_eq!(served.status(), 200);
     assert_eq!(served.headers()["x-tollgate-provider"], "up");
     let frame = next_frame(&mut client, &mut log).await;
@@ -243,7 +161,7 @@ async fn one_subscriber_sees_budget_and_breaker_alerts_each_once_in_order() {
     );
 
     // The budget again: 30 µ$ reaches the limit.
-    assert_eq!(chat(&server, &key, "mock-1").await.status(), 200);
+    assert_eq!(server.chat(&key, "mock-1", PROMPT).await.status(), 200);
     let frame = next_frame(&mut client, &mut log).await;
     assert_eq!(summary(&frame), ev("budget.exceeded", "team 100% 30/30"));
     assert_eq!(frame["payload"]["scope"], "global");
@@ -252,7 +170,7 @@ async fn one_subscriber_sees_budget_and_breaker_alerts_each_once_in_order() {
     // From now on every request is refused before any upstream call, and
     // nothing more is published.
     for model in ["mock-1", "mock-1", "up-model"] {
-        let response = chat(&server, &key, model).await;
+        let response = server.chat(&key, model, PROMPT).await;
         assert_eq!(response.status(), 402);
         let body: Value = response.json().await.unwrap();
         assert_eq!(body["error"]["type"], "insufficient_quota");
@@ -265,19 +183,8 @@ async fn one_subscriber_sees_budget_and_breaker_alerts_each_once_in_order() {
 
     // Everything published before the marker has been read: the whole
     // stream, in order, each alert once.
-    let marker = server.state.hub.publish(SystemStartup {
-        version: "marker".into(),
-        node: "marker".into(),
-        listen: "-".into(),
-    });
-    let marker_id = marker.id.to_string();
-    loop {
-        let frame = next_frame(&mut client, &mut log).await;
-        if frame["id"] == marker_id.as_str() {
-            log.pop();
-            break;
-        }
-    }
+    let marker = server.state.hub.publish(marker(0));
+    log.extend(client.until_id(marker.id).await);
     let seen: Vec<(String, String)> = log.iter().map(summary).collect();
     assert_eq!(
         seen,

@@ -14,118 +14,21 @@
 #[path = "support/stream_client.rs"]
 mod stream_client;
 mod support;
+#[path = "support/switchable_upstream.rs"]
+mod switchable_upstream;
 
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
-use axum::{Json, Router};
 use serde_json::{json, Value};
 use stream_client::WsClient;
-use support::{wait_until, TestServer, DEADLINE};
-use tokio::task::JoinHandle;
+use support::{TestServer, DEADLINE};
+use switchable_upstream::{FlakyUpstream, HANG};
 use tollgate::breaker::{BreakerSnapshot, CircuitBreakerConfig};
 use tollgate::config::{Config, ModelConfig, ProviderConfig};
 use tollgate::events::model::{BreakerState, BreakerStateChanged};
 
-/// The upstream's status that means: never answer.
-const HANG: u16 = 0;
-
-/// The upstream's shared knobs and its request counter.
-#[derive(Default)]
-struct Control {
-    /// The status every request is answered with (read when it arrives);
-    /// [`HANG`] never answers.
-    status: AtomicU16,
-    /// How long to wait before answering.
-    delay_ms: AtomicU64,
-    /// Requests received.
-    hits: AtomicUsize,
-}
-
-/// An OpenAI-compatible upstream on 127.0.0.1:0: 200 with a chat
-/// completion and usage, or the status it is told with an OpenAI-shaped
-/// error. Dropping it stops it.
-struct FlakyUpstream {
-    addr: SocketAddr,
-    control: Arc<Control>,
-    task: JoinHandle<()>,
-}
-
-impl FlakyUpstream {
-    async fn start(status: u16) -> FlakyUpstream {
-        let control = Arc::new(Control::default());
-        control.status.store(status, Ordering::SeqCst);
-        let app = Router::new().fallback(answer).with_state(control.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind the upstream on 127.0.0.1:0");
-        let addr = listener.local_addr().unwrap();
-        let task = tokio::spawn(async move {
-            axum::serve(listener, app)
-                .await
-                .expect("the upstream serves");
-        });
-        FlakyUpstream {
-            addr,
-            control,
-            task,
-        }
-    }
-
-    fn base_url(&self) -> String {
-        format!("http://{}/v1", self.addr)
-    }
-
-    fn set_status(&self, status: u16) {
-        self.control.status.store(status, Ordering::SeqCst);
-    }
-
-    fn set_delay(&self, delay: Duration) {
-        self.control
-            .delay_ms
-            .store(delay.as_millis() as u64, Ordering::SeqCst);
-    }
-
-    fn hits(&self) -> usize {
-        self.control.hits.load(Ordering::SeqCst)
-    }
-}
-
-impl Drop for FlakyUpstream {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-async fn answer(State(control): State<Arc<Control>>) -> Response {
-    control.hits.fetch_add(1, Ordering::SeqCst);
-    let status = control.status.load(Ordering::SeqCst);
-    let delay = control.delay_ms.load(Ordering::SeqCst);
-    if delay > 0 {
-        tokio::time::sleep(Duration::from_millis(delay)).await;
-    }
-    if status == HANG {
-        return std::future::pending().await;
-    }
-    let body = if status == 200 {
-        json!({
-            "id": "chatcmpl-flaky", "object": "chat.completion", "created": 1_700_000_000,
-            "model": "flaky-model",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "fine"},
-                "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 10, "completion_tokens": 7, "total_tokens": 17},
-        })
-    } else {
-        json!({"error": {"message": format!("scripted HTTP {status}"), "type": "server_error",
-            "code": "scripted"}})
-    };
-    (StatusCode::from_u16(status).unwrap(), Json(body)).into_response()
-}
+/// Every request's prompt (the mock fallback echoes it).
+const PROMPT: &str = "hello there gateway";
 
 fn breaker(failure_threshold: u32, open_secs: u64) -> CircuitBreakerConfig {
     CircuitBreakerConfig {
@@ -185,16 +88,6 @@ async fn start(
         c.validate().expect("the test configuration is valid");
     })
     .await
-}
-
-async fn chat(server: &TestServer, key: &str, model: &str) -> reqwest::Response {
-    reqwest::Client::new()
-        .post(server.url("/v1/chat/completions"))
-        .bearer_auth(key)
-        .json(&json!({"model": model, "messages": [{"role": "user", "content": "hello there gateway"}]}))
-        .send()
-        .await
-        .unwrap()
 }
 
 /// Asserts an OpenAI-shaped error answer; returns its message.
@@ -284,15 +177,7 @@ async fn until_marker(server: &TestServer, client: &mut WsClient) -> Vec<Value> 
         reason: "marker".into(),
         consecutive_failures: 0,
     });
-    let marker_id = marker.id.to_string();
-    let mut frames = Vec::new();
-    loop {
-        let frame = client.next_json().await;
-        if frame["id"] == marker_id.as_str() {
-            return frames;
-        }
-        frames.push(frame);
-    }
+    client.until_id(marker.id).await
 }
 
 /// An event as (provider, from, to, reason, consecutive_failures).
@@ -337,7 +222,7 @@ fn opened(last: &str) -> Move {
 /// Sends `n` requests one after another, each answered 502 for `status`.
 async fn fail_sequentially(server: &TestServer, key: &str, n: usize, status: u16) {
     for _ in 0..n {
-        expect_502(chat(server, key, "up-model").await, status).await;
+        expect_502(server.chat(key, "up-model", PROMPT).await, status).await;
     }
 }
 
@@ -360,7 +245,7 @@ async fn a_failing_provider_walks_closed_open_half_open_closed_with_one_event_pe
     assert_eq!(up.hits(), 3);
 
     // Open: refused at once, without an upstream call.
-    expect_503(chat(&server, &key, "up-model").await, 1).await;
+    expect_503(server.chat(&key, "up-model", PROMPT).await, 1).await;
     assert_eq!(up.hits(), 3);
 
     // Half-open after open_secs, by itself, with no request.
@@ -378,7 +263,7 @@ async fn a_failing_provider_walks_closed_open_half_open_closed_with_one_event_pe
 
     // The trial succeeds: closed.
     up.set_status(200);
-    let body = expect_200(chat(&server, &key, "up-model").await, "up").await;
+    let body = expect_200(server.chat(&key, "up-model", PROMPT).await, "up").await;
     assert_eq!(body["choices"][0]["message"]["content"], "fine");
     assert_eq!(up.hits(), 4);
     log.extend(until_marker(&server, &mut client).await);
@@ -399,7 +284,7 @@ async fn a_failing_provider_walks_closed_open_half_open_closed_with_one_event_pe
     assert_eq!(snap.opened_at, None);
 
     // Closed again: requests flow, and nothing more is published.
-    expect_200(chat(&server, &key, "up-model").await, "up").await;
+    expect_200(server.chat(&key, "up-model", PROMPT).await, "up").await;
     assert_eq!(up.hits(), 5);
     assert_eq!(
         until_marker(&server, &mut client).await,
@@ -434,7 +319,7 @@ async fn a_failed_trial_reopens_the_breaker_for_a_new_open_period_with_one_event
         moves(&log[2..]),
         [mv("half_open", "open", "trial request failed: HTTP 503", 4)]
     );
-    expect_503(chat(&server, &key, "up-model").await, 1).await;
+    expect_503(server.chat(&key, "up-model", PROMPT).await, 1).await;
     assert_eq!(up.hits(), 4);
     let snap = snapshot(&server, "up");
     assert_eq!(snap.state, BreakerState::Open);
@@ -443,7 +328,7 @@ async fn a_failed_trial_reopens_the_breaker_for_a_new_open_period_with_one_event
     // The new open period has its own timer; this time the trial succeeds.
     log.push(next_event(&mut client).await);
     up.set_status(200);
-    expect_200(chat(&server, &key, "up-model").await, "up").await;
+    expect_200(server.chat(&key, "up-model", PROMPT).await, "up").await;
     log.extend(until_marker(&server, &mut client).await);
     assert_eq!(
         moves(&log),
@@ -472,7 +357,7 @@ async fn forty_concurrent_failing_requests_open_the_breaker_exactly_once() {
     let mut client = subscribe(&server).await;
 
     let responses =
-        futures::future::join_all((0..40).map(|_| chat(&server, &key, "up-model"))).await;
+        futures::future::join_all((0..40).map(|_| server.chat(&key, "up-model", PROMPT))).await;
     let (mut bad_gateway, mut unavailable) = (0, 0);
     for response in responses {
         match response.status().as_u16() {
@@ -501,7 +386,7 @@ async fn forty_concurrent_failing_requests_open_the_breaker_exactly_once() {
 
     // Once open, a second burst is refused entirely.
     let responses =
-        futures::future::join_all((0..10).map(|_| chat(&server, &key, "up-model"))).await;
+        futures::future::join_all((0..10).map(|_| server.chat(&key, "up-model", PROMPT))).await;
     for response in responses {
         expect_503(response, 60).await;
     }
@@ -540,7 +425,7 @@ async fn concurrent_requests_while_half_open_send_one_trial_and_close_the_breake
     up.set_status(200);
     up.set_delay(Duration::from_millis(300));
     let responses =
-        futures::future::join_all((0..20).map(|_| chat(&server, &key, "up-model"))).await;
+        futures::future::join_all((0..20).map(|_| server.chat(&key, "up-model", PROMPT))).await;
     let (mut ok, mut unavailable) = (0, 0);
     for response in responses {
         match response.status().as_u16() {
@@ -586,7 +471,7 @@ async fn client_errors_do_not_count_and_429_counts_only_with_count_429() {
     for status in [400, 429] {
         up.set_status(status);
         for _ in 0..5 {
-            let response = chat(&server, &key, "up-model").await;
+            let response = server.chat(&key, "up-model", PROMPT).await;
             assert_eq!(response.status(), status);
             let body: Value = response.json().await.unwrap();
             assert_eq!(body["error"]["message"], format!("scripted HTTP {status}"));
@@ -606,13 +491,13 @@ async fn client_errors_do_not_count_and_429_counts_only_with_count_429() {
     up.set_status(500);
     fail_sequentially(&server, &key, 2, 500).await;
     up.set_status(200);
-    expect_200(chat(&server, &key, "up-model").await, "up").await;
+    expect_200(server.chat(&key, "up-model", PROMPT).await, "up").await;
     assert_eq!(snapshot(&server, "up").consecutive_failures, 0);
     // …while a client error neither counts nor breaks the streak.
     up.set_status(500);
     fail_sequentially(&server, &key, 2, 500).await;
     up.set_status(400);
-    assert_eq!(chat(&server, &key, "up-model").await.status(), 400);
+    assert_eq!(server.chat(&key, "up-model", PROMPT).await.status(), 400);
     assert_eq!(snapshot(&server, "up").state, BreakerState::Closed);
     assert_eq!(snapshot(&server, "up").consecutive_failures, 2);
     up.set_status(500);
@@ -621,7 +506,7 @@ async fn client_errors_do_not_count_and_429_counts_only_with_count_429() {
         moves(&until_marker(&server, &mut client).await),
         [opened("HTTP 500")]
     );
-    expect_503(chat(&server, &key, "up-model").await, 60).await;
+    expect_503(server.chat(&key, "up-model", PROMPT).await, 60).await;
     server.shutdown().await;
 
     // With count_429, three 429s open the breaker.
@@ -635,13 +520,13 @@ async fn client_errors_do_not_count_and_429_counts_only_with_count_429() {
     let mut client = subscribe(&server).await;
     for _ in 0..3 {
         // The client still sees the provider's 429.
-        assert_eq!(chat(&server, &key, "up-model").await.status(), 429);
+        assert_eq!(server.chat(&key, "up-model", PROMPT).await.status(), 429);
     }
     assert_eq!(
         moves(&until_marker(&server, &mut client).await),
         [opened("HTTP 429")]
     );
-    expect_503(chat(&server, &key, "up-model").await, 60).await;
+    expect_503(server.chat(&key, "up-model", PROMPT).await, 60).await;
     assert_eq!(up.hits(), 3);
     server.shutdown().await;
 }
@@ -661,7 +546,7 @@ async fn while_the_breaker_is_open_the_fallback_serves_and_is_named_and_recorded
     let mut client = subscribe(&server).await;
 
     // Healthy: the model's own provider serves.
-    expect_200(chat(&server, &key, "up-model").await, "up").await;
+    expect_200(server.chat(&key, "up-model", PROMPT).await, "up").await;
     // Failures go to the client; fallbacks are for an open breaker only.
     up.set_status(500);
     fail_sequentially(&server, &key, 3, 500).await;
@@ -671,7 +556,7 @@ async fn while_the_breaker_is_open_the_fallback_serves_and_is_named_and_recorded
     );
     assert_eq!(up.hits(), 4);
 
-    let response = chat(&server, &key, "up-model").await;
+    let response = server.chat(&key, "up-model", PROMPT).await;
     let request_id = response.headers()["x-request-id"]
         .to_str()
         .unwrap()
@@ -682,25 +567,12 @@ async fn while_the_breaker_is_open_the_fallback_serves_and_is_named_and_recorded
         "Mock reply to: hello there gateway"
     );
     assert_eq!(up.hits(), 4, "the open provider was not called");
-    let store = &server.state.store;
-    wait_until(
-        "the fallback request is in the ledger",
-        DEADLINE,
-        || async {
-            !store
-                .ledger_rows_for_request(&request_id)
-                .await
-                .unwrap()
-                .is_empty()
-        },
-    )
-    .await;
-    let rows = store.ledger_rows_for_request(&request_id).await.unwrap();
-    assert_eq!(rows.len(), 1);
-    assert_eq!(rows[0].provider, "backup");
-    assert_eq!(rows[0].model, "up-model");
-    assert_eq!(rows[0].status, 200);
-    assert_eq!((rows[0].input_tokens, rows[0].output_tokens), (10, 7));
+    // The fallback request is in the ledger.
+    let row = server.ledger_row(&request_id).await;
+    assert_eq!(row.provider, "backup");
+    assert_eq!(row.model, "up-model");
+    assert_eq!(row.status, 200);
+    assert_eq!((row.input_tokens, row.output_tokens), (10, 7));
 
     // Streamed answers too.
     let streamed = reqwest::Client::new()
@@ -719,7 +591,7 @@ async fn while_the_breaker_is_open_the_fallback_serves_and_is_named_and_recorded
     assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
 
     // A model without fallbacks is refused.
-    expect_503(chat(&server, &key, "solo").await, 60).await;
+    expect_503(server.chat(&key, "solo", PROMPT).await, 60).await;
     assert_eq!(up.hits(), 4);
     assert_eq!(snapshot(&server, "backup").state, BreakerState::Closed);
     assert_eq!(snapshot(&server, "backup").successes_total, 2);
@@ -739,10 +611,10 @@ async fn the_providers_endpoint_shows_each_breakers_state_and_counters_to_admins
     })
     .await;
     let key = server.create_key("app", false).await;
-    expect_200(chat(&server, &key, "up-model").await, "up").await;
+    expect_200(server.chat(&key, "up-model", PROMPT).await, "up").await;
     up.set_status(500);
     fail_sequentially(&server, &key, 3, 500).await;
-    expect_503(chat(&server, &key, "up-model").await, 60).await;
+    expect_503(server.chat(&key, "up-model", PROMPT).await, 60).await;
 
     let http = reqwest::Client::new();
     let response = http
@@ -835,7 +707,7 @@ async fn timeouts_count_as_failures() {
     // Concurrently, so the test waits about one timeout, not three.
     let started = Instant::now();
     let responses =
-        futures::future::join_all((0..3).map(|_| chat(&server, &key, "up-model"))).await;
+        futures::future::join_all((0..3).map(|_| server.chat(&key, "up-model", PROMPT))).await;
     assert!(started.elapsed() >= Duration::from_secs(1));
     for response in responses {
         let message = expect_error(response, 504, "upstream_error", "upstream_timeout").await;
@@ -845,7 +717,7 @@ async fn timeouts_count_as_failures() {
         moves(&until_marker(&server, &mut client).await),
         [opened("the provider did not answer in time")]
     );
-    expect_503(chat(&server, &key, "up-model").await, 60).await;
+    expect_503(server.chat(&key, "up-model", PROMPT).await, 60).await;
     assert_eq!(up.hits(), 3);
     server.shutdown().await;
 }
@@ -862,7 +734,7 @@ async fn refused_connections_count_as_failures() {
     let mut client = subscribe(&server).await;
     for _ in 0..3 {
         let message = expect_error(
-            chat(&server, &key, "up-model").await,
+            server.chat(&key, "up-model", PROMPT).await,
             502,
             "upstream_error",
             "upstream_unreachable",
@@ -890,6 +762,6 @@ async fn refused_connections_count_as_failures() {
         reason.starts_with("3 consecutive failures (last: cannot connect to the provider: "),
         "{reason}"
     );
-    expect_503(chat(&server, &key, "up-model").await, 60).await;
+    expect_503(server.chat(&key, "up-model", PROMPT).await, 60).await;
     server.shutdown().await;
 }

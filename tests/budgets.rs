@@ -9,9 +9,8 @@ mod support;
 
 use serde_json::{json, Value};
 use stream_client::WsClient;
-use support::{wait_until, TestServer, DEADLINE};
+use support::{marker, wait_until, TestServer, DEADLINE};
 use tollgate::budget::{BudgetAction, BudgetConfig, BudgetScope, Period};
-use tollgate::events::model::SystemStartup;
 
 /// A mock-1 request with this prompt: 10 input and 7 output tokens, costing
 /// ceil((10 × 150 000 + 7 × 600 000) / 1 000 000) = 6 micro-dollars.
@@ -27,16 +26,6 @@ fn budget(name: &str, scope: BudgetScope, limit_usd: f64, action: BudgetAction) 
         thresholds: vec![50, 80, 100],
         action,
     }
-}
-
-async fn chat(server: &TestServer, key: &str) -> reqwest::Response {
-    reqwest::Client::new()
-        .post(server.url("/v1/chat/completions"))
-        .bearer_auth(key)
-        .json(&json!({"model": "mock-1", "messages": [{"role": "user", "content": PROMPT}]}))
-        .send()
-        .await
-        .unwrap()
 }
 
 /// Waits until the ledger holds `n` requests in total.
@@ -61,21 +50,10 @@ async fn wait_for_ledger(server: &TestServer, n: i64) {
 
 /// Every budget event until a marker published after the ledger settled.
 async fn budget_events(server: &TestServer, client: &mut WsClient) -> Vec<Value> {
-    let marker = server.state.hub.publish(SystemStartup {
-        version: "marker".into(),
-        node: "marker".into(),
-        listen: "-".into(),
-    });
-    let mut events = Vec::new();
-    loop {
-        let frame = client.next_json().await;
-        if frame["id"].as_str() == Some(marker.id.to_string().as_str()) {
-            return events;
-        }
-        if frame["topic"] == "budget" {
-            events.push(frame);
-        }
-    }
+    let marker = server.state.hub.publish(marker(0));
+    let mut events = client.until_id(marker.id).await;
+    events.retain(|frame| frame["topic"] == "budget");
+    events
 }
 
 fn summary(events: &[Value]) -> Vec<(String, u64)> {
@@ -105,7 +83,8 @@ async fn fifty_concurrent_requests_crossing_every_threshold_alert_exactly_once_e
     let key = server.create_key("app", false).await;
     let (mut client, _) =
         WsClient::open(server.addr, &format!("token={}", server.admin_key), None).await;
-    let responses = futures::future::join_all((0..50).map(|_| chat(&server, &key))).await;
+    let responses =
+        futures::future::join_all((0..50).map(|_| server.chat(&key, "mock-1", PROMPT))).await;
     assert!(
         responses.iter().all(|r| r.status() == 200),
         "alert budgets let requests through"
@@ -155,11 +134,11 @@ async fn a_blocking_budget_answers_402_naming_the_budget_and_its_reset_and_a_new
     let (mut client, _) =
         WsClient::open(server.addr, &format!("token={}", server.admin_key), None).await;
     for _ in 0..2 {
-        assert_eq!(chat(&server, &key).await.status(), 200);
+        assert_eq!(server.chat(&key, "mock-1", PROMPT).await.status(), 200);
         // One at a time, so the book has seen each total.
     }
     wait_for_ledger(&server, 2).await;
-    let refused = chat(&server, &key).await;
+    let refused = server.chat(&key, "mock-1", PROMPT).await;
     assert_eq!(refused.status(), 402);
     let body: Value = refused.json().await.unwrap();
     assert_eq!(body["error"]["code"], "budget_exceeded");
@@ -182,11 +161,11 @@ async fn a_blocking_budget_answers_402_naming_the_budget_and_its_reset_and_a_new
     // The next day: requests pass again and the alerts come again, once.
     server.state.clock.advance(chrono::Duration::days(1));
     for _ in 0..2 {
-        assert_eq!(chat(&server, &key).await.status(), 200);
+        assert_eq!(server.chat(&key, "mock-1", PROMPT).await.status(), 200);
     }
     // Refused requests are in the ledger too (with no tokens): 2 + 1 + 2.
     wait_for_ledger(&server, 5).await;
-    assert_eq!(chat(&server, &key).await.status(), 402);
+    assert_eq!(server.chat(&key, "mock-1", PROMPT).await.status(), 402);
     let second_period = budget_events(&server, &mut client).await;
     assert_eq!(summary(&second_period), summary(&first_period));
     assert_ne!(
@@ -207,11 +186,11 @@ async fn key_scoped_budgets_isolate_keys_and_alert_budgets_let_requests_through(
     .await;
     let alice = server.create_key("alice", false).await;
     let bob = server.create_key("bob", false).await;
-    assert_eq!(chat(&server, &alice).await.status(), 200);
+    assert_eq!(server.chat(&alice, "mock-1", PROMPT).await.status(), 200);
     wait_for_ledger(&server, 1).await;
-    assert_eq!(chat(&server, &alice).await.status(), 402);
+    assert_eq!(server.chat(&alice, "mock-1", PROMPT).await.status(), 402);
     // Bob has his own counter; the exceeded global budget only alerts.
-    assert_eq!(chat(&server, &bob).await.status(), 200);
+    assert_eq!(server.chat(&bob, "mock-1", PROMPT).await.status(), 200);
     server.shutdown().await;
 }
 
@@ -232,9 +211,9 @@ async fn a_keys_own_budget_from_the_admin_api_blocks_that_key() {
     assert_eq!(created["budget_micros"], 6);
     assert_eq!(created["budget_period"], "total");
     let key = created["key"].as_str().unwrap();
-    assert_eq!(chat(&server, key).await.status(), 200);
+    assert_eq!(server.chat(key, "mock-1", PROMPT).await.status(), 200);
     wait_for_ledger(&server, 1).await;
-    let refused = chat(&server, key).await;
+    let refused = server.chat(key, "mock-1", PROMPT).await;
     assert_eq!(refused.status(), 402);
     let message = refused.json::<Value>().await.unwrap()["error"]["message"]
         .as_str()
@@ -264,7 +243,7 @@ async fn the_budgets_endpoint_shows_spend_thresholds_state_and_reset() {
     })
     .await;
     let key = server.create_key("app", false).await;
-    assert_eq!(chat(&server, &key).await.status(), 200);
+    assert_eq!(server.chat(&key, "mock-1", PROMPT).await.status(), 200);
     wait_for_ledger(&server, 1).await;
     let listed: Value = reqwest::Client::new()
         .get(server.url("/admin/v1/budgets"))

@@ -7,43 +7,14 @@
 mod stream_client;
 mod support;
 
-use std::net::SocketAddr;
-
 use serde_json::json;
 use stream_client::WsClient;
-use support::{free_port, wait_until, TollgateProcess, Workspace, DEADLINE};
-
-async fn start(
-    workspace: &Workspace,
-    extra: &str,
-) -> (TollgateProcess, SocketAddr, std::path::PathBuf) {
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let path = write_config(workspace, addr, extra);
-    let mut command = workspace.command();
-    command.args(["serve", "--config"]).arg(&path);
-    let process = TollgateProcess::spawn(command);
-    let health = format!("http://{addr}/health");
-    wait_until("the gateway answers /health", DEADLINE, || async {
-        reqwest::get(&health).await.is_ok_and(|r| r.status() == 200)
-    })
-    .await;
-    (process, addr, path)
-}
-
-fn write_config(workspace: &Workspace, addr: SocketAddr, extra: &str) -> std::path::PathBuf {
-    workspace.write(
-        "tollgate.toml",
-        &format!(
-            "[server]\nlisten = \"{addr}\"\n\n[database]\nurl = \"{}\"\n\n{extra}",
-            workspace.database_url()
-        ),
-    )
-}
+use support::Workspace;
 
 #[tokio::test]
 async fn sigterm_delivers_system_shutdown_then_close_1001_and_exits_0() {
     let workspace = Workspace::new();
-    let (mut process, addr, _) = start(&workspace, "").await;
+    let (mut process, addr, _) = workspace.serve("").await;
     let (mut client, _) = WsClient::open(addr, "", None).await;
     process.signal("TERM");
     let frame = client.until_type("system.shutdown").await;
@@ -56,14 +27,14 @@ async fn sigterm_delivers_system_shutdown_then_close_1001_and_exits_0() {
 #[tokio::test]
 async fn sighup_reloads_a_valid_file_and_keeps_the_old_one_when_invalid() {
     let workspace = Workspace::new();
-    let (process, addr, path) =
-        start(&workspace, "[features.websocket]\nmax_connections = 10\n").await;
+    let (process, addr, path) = workspace
+        .serve("[features.websocket]\nmax_connections = 10\n")
+        .await;
     let (mut client, _) = WsClient::open(addr, "topics=system", None).await;
 
     // A valid change: announced by section name, applied to new connections.
-    write_config(
-        &workspace,
-        addr,
+    workspace.write_config_with(
+        &addr.to_string(),
         "[features.websocket]\nmax_connections = 1\n",
     );
     process.signal("HUP");
@@ -100,36 +71,15 @@ async fn sighup_reloads_a_valid_file_and_keeps_the_old_one_when_invalid() {
 #[tokio::test]
 async fn keys_created_and_revoked_with_the_cli_are_audited_with_actor_cli() {
     let workspace = Workspace::new();
-    let (_process, addr, path) = start(&workspace, "").await;
+    let (_process, addr, path) = workspace.serve("").await;
     let (mut client, _) = WsClient::open(addr, "types=audit.admin", None).await;
-    let output = workspace
-        .command()
-        .args(["keys", "create", "--name", "from-cli", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let stdout = String::from_utf8(output.stdout).unwrap();
+    let stdout = workspace.keys(&path, &["create", "--name", "from-cli"]);
     let key = stdout.lines().last().unwrap().to_owned();
     let created = client.next_json().await;
     assert_eq!(created["payload"]["actor"], "cli");
     assert_eq!(created["payload"]["action"], "key.created");
     let prefix = &key[..14];
-    let output = workspace
-        .command()
-        .args(["keys", "revoke", prefix, "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    workspace.keys(&path, &["revoke", prefix]);
     let revoked = client.next_json().await;
     assert_eq!(revoked["payload"]["action"], "key.revoked");
     assert_eq!(revoked["payload"]["target"], created["payload"]["target"]);

@@ -10,17 +10,9 @@ use std::time::Duration;
 
 use serde_json::json;
 use stream_client::SseClient;
-use support::TestServer;
-use tollgate::events::model::{SystemStartup, UsageRecorded};
+use support::{marker, TestServer};
+use tollgate::events::model::UsageRecorded;
 use uuid::Uuid;
-
-fn marker(n: usize) -> SystemStartup {
-    SystemStartup {
-        version: "test".into(),
-        node: format!("marker-{n}"),
-        listen: "-".into(),
-    }
-}
 
 #[tokio::test]
 async fn events_arrive_as_id_event_and_data_lines_after_connected() {
@@ -83,14 +75,7 @@ async fn the_same_credentials_filters_and_visibility_apply() {
     assert_eq!(refused.body["error"]["code"], "unknown_topic");
 
     let user = server.create_key("user", false).await;
-    let user_id = server
-        .state
-        .store
-        .find_api_key_by_hash(&tollgate::auth::keys::hash(&user))
-        .await
-        .unwrap()
-        .unwrap()
-        .id;
+    let user_id = server.key_id(&user).await;
     let auth = format!("Bearer {user}");
     let mut sse = SseClient::connect(&format!("{url}?topics=usage"), &[("authorization", &auth)])
         .await

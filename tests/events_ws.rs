@@ -10,18 +10,10 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use stream_client::{Read, WsClient};
-use support::{wait_until, TestServer, DEADLINE};
+use support::{marker, wait_until, TestServer, DEADLINE};
 use tokio_tungstenite::tungstenite::Message;
-use tollgate::events::model::{AdminAction, ConfigReloaded, SystemStartup, UsageRecorded};
+use tollgate::events::model::{AdminAction, ConfigReloaded, UsageRecorded};
 use uuid::Uuid;
-
-fn marker(n: usize) -> SystemStartup {
-    SystemStartup {
-        version: "test".into(),
-        node: format!("marker-{n}"),
-        listen: "-".into(),
-    }
-}
 
 fn usage(key_id: Uuid, request_id: &str) -> UsageRecorded {
     UsageRecorded {
@@ -34,17 +26,6 @@ fn usage(key_id: Uuid, request_id: &str) -> UsageRecorded {
         cost_micros: 7,
         estimated: false,
     }
-}
-
-async fn key_id(server: &TestServer, secret: &str) -> Uuid {
-    server
-        .state
-        .store
-        .find_api_key_by_hash(&tollgate::auth::keys::hash(secret))
-        .await
-        .unwrap()
-        .expect("the key exists")
-        .id
 }
 
 fn id_of(frame: &Value) -> u64 {
@@ -107,7 +88,7 @@ async fn a_disabled_stream_answers_404_on_both_endpoints() {
 async fn presented_credentials_must_be_valid_whatever_require_auth_says() {
     let server = TestServer::start(|c| c.features.websocket.require_auth = false).await;
     let revoked = server.create_key("gone", false).await;
-    let revoked_id = key_id(&server, &revoked).await;
+    let revoked_id = server.key_id(&revoked).await;
     server.state.store.revoke_api_key(revoked_id).await.unwrap();
     let unknown = format!("gw_live_{}", "A".repeat(43));
     for (query, bearer, code) in [
@@ -452,7 +433,7 @@ async fn non_admin_keys_never_see_another_keys_events() {
     let server = TestServer::start(|_| {}).await;
     let alice = server.create_key("alice", false).await;
     let bob = server.create_key("bob", false).await;
-    let (alice_id, bob_id) = (key_id(&server, &alice).await, key_id(&server, &bob).await);
+    let (alice_id, bob_id) = (server.key_id(&alice).await, server.key_id(&bob).await);
     let (mut as_alice, _) = WsClient::open(server.addr, &format!("token={alice}"), None).await;
     let (mut as_admin, _) =
         WsClient::open(server.addr, &format!("token={}", server.admin_key), None).await;
@@ -486,7 +467,7 @@ async fn non_admin_keys_never_see_another_keys_events() {
 async fn revoking_a_key_through_the_admin_api_closes_its_streams_with_1008() {
     let server = TestServer::start(|_| {}).await;
     let user = server.create_key("user", false).await;
-    let user_id = key_id(&server, &user).await;
+    let user_id = server.key_id(&user).await;
     let (mut client, _) = WsClient::open(server.addr, &format!("token={user}"), None).await;
     let (mut other, _) = WsClient::open(server.addr, "", None).await;
     let started = std::time::Instant::now();
@@ -512,7 +493,7 @@ async fn revoking_a_key_through_the_admin_api_closes_its_streams_with_1008() {
 async fn a_key_revoked_by_another_process_is_closed_within_5_seconds() {
     let server = TestServer::start(|_| {}).await;
     let user = server.create_key("user", false).await;
-    let user_id = key_id(&server, &user).await;
+    let user_id = server.key_id(&user).await;
     let (mut client, _) = WsClient::open(server.addr, &format!("token={user}"), None).await;
     // Straight to the store, as `tollgate keys revoke` or another node does.
     let started = std::time::Instant::now();
@@ -605,7 +586,7 @@ async fn startup_is_published_once_the_listener_is_bound_and_kept_for_resume() {
 #[tokio::test]
 async fn key_creation_and_revocation_through_the_admin_api_are_audited_live() {
     let server = TestServer::start(|_| {}).await;
-    let admin_id = key_id(&server, &server.admin_key).await;
+    let admin_id = server.key_id(&server.admin_key).await;
     let (mut client, _) = WsClient::open(server.addr, "types=audit.admin", None).await;
     let http = reqwest::Client::new();
     let created: Value = http

@@ -23,12 +23,11 @@ mod support;
 mod upstream;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 
 use futures::StreamExt;
 use serde_json::{json, Value};
 use stream_client::WsClient;
-use support::{free_port, wait_until, TestServer, TollgateProcess, Workspace, DEADLINE};
+use support::{TestServer, Workspace, DEADLINE};
 use tokio_tungstenite::tungstenite::Message;
 use tollgate::config::{Config, ModelConfig, ProviderConfig};
 use tollgate::guardrails::GuardrailsConfig;
@@ -1201,18 +1200,6 @@ fn invalid_rules_are_configuration_errors_naming_the_key() {
     );
 }
 
-/// `tollgate serve` on a configuration file whose guardrails are `rules`
-/// (the built-in mock provider serves `mock-1`).
-fn write_config(workspace: &Workspace, addr: SocketAddr, rules: &str) -> PathBuf {
-    workspace.write(
-        "tollgate.toml",
-        &format!(
-            "[server]\nlisten = \"{addr}\"\n\n[database]\nurl = \"{}\"\n{rules}",
-            workspace.database_url()
-        ),
-    )
-}
-
 const FORBIDDEN_WORDS: &str = r#"
 [[guardrails.rules]]
 name = "words"
@@ -1234,29 +1221,11 @@ async fn mock_chat(addr: SocketAddr, key: &str, content: &str) -> Answer {
 #[tokio::test]
 async fn a_reload_with_invalid_rules_fails_with_an_event_and_the_old_rules_stay() {
     let workspace = Workspace::new();
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let path = write_config(&workspace, addr, FORBIDDEN_WORDS);
-    let mut command = workspace.command();
-    command.args(["serve", "--config"]).arg(&path);
-    let process = TollgateProcess::spawn(command);
-    let health = format!("http://{addr}/health");
-    wait_until("the gateway answers /health", DEADLINE, || async {
-        reqwest::get(&health).await.is_ok_and(|r| r.status() == 200)
-    })
-    .await;
-    let output = workspace
-        .command()
-        .args(["keys", "create", "--name", "app", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let key = String::from_utf8(output.stdout)
-        .unwrap()
+    // `tollgate serve` with guardrails; the built-in mock provider serves
+    // `mock-1`.
+    let (process, addr, path) = workspace.serve(FORBIDDEN_WORDS).await;
+    let key = workspace
+        .keys(&path, &["create", "--name", "app"])
         .lines()
         .last()
         .unwrap()
@@ -1277,7 +1246,7 @@ kind = "blocklist"
 words = ["banana"]
 action = "block"
 "#;
-    write_config(&workspace, addr, &format!("{new_words}{BAD_REGEX}"));
+    workspace.write_config_with(&addr.to_string(), &format!("{new_words}{BAD_REGEX}"));
     process.signal("HUP");
     let failed = system.until_type("system.config_reload_failed").await;
     let error = failed["payload"]["error"].as_str().unwrap();
@@ -1288,7 +1257,7 @@ action = "block"
     assert_eq!(answer.content(), "Mock reply to: a banana");
 
     // An unknown category: the same.
-    write_config(&workspace, addr, UNKNOWN_CATEGORY);
+    workspace.write_config_with(&addr.to_string(), UNKNOWN_CATEGORY);
     process.signal("HUP");
     let failed = system.until_type("system.config_reload_failed").await;
     let error = failed["payload"]["error"].as_str().unwrap();
@@ -1297,7 +1266,7 @@ action = "block"
     answer.assert_blocked(&blocked_request("words"));
 
     // A valid file: the new rules replace the old ones.
-    write_config(&workspace, addr, new_words);
+    workspace.write_config_with(&addr.to_string(), new_words);
     process.signal("HUP");
     let reloaded = system.until_type("system.config_reloaded").await;
     assert_eq!(

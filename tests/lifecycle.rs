@@ -9,28 +9,17 @@ use serde_json::Value;
 use support::{free_port, wait_until, TestDb, TestServer, TollgateProcess, Workspace, DEADLINE};
 
 /// Starts `tollgate serve` on a free port of 127.0.0.1 with the workspace's
-/// database and waits until `/health` answers. Returns the process and its
-/// base URL.
+/// database, waits until `/health` answers and the startup log has been
+/// read. Returns the process and its base URL.
 async fn serve(workspace: &Workspace) -> (TollgateProcess, String) {
-    let base = format!("http://127.0.0.1:{}", free_port());
-    let config = workspace.write_config(base.trim_start_matches("http://"));
-    let mut command = workspace.command();
-    command.arg("serve").arg("--config").arg(&config);
-    let process = TollgateProcess::spawn(command);
-    let health = format!("{base}/health");
-    wait_until("the gateway answers /health", DEADLINE, || async {
-        reqwest::get(&health)
-            .await
-            .is_ok_and(|r| r.status() == StatusCode::OK)
-    })
-    .await;
+    let (process, addr, _) = workspace.serve("").await;
     // The log line comes after the bootstrap key, which is printed before
     // the listener serves; once it is read, the key has been too.
     wait_until("the startup log is read", DEADLINE, || async {
         process.stderr().contains("tollgate listening")
     })
     .await;
-    (process, base)
+    (process, format!("http://{addr}"))
 }
 
 /// Sends `signal` and asserts that the process exits with status 0 within

@@ -14,7 +14,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use support::{wait_until, TestServer, DEADLINE};
+use support::{mock_cost, tokens, TestServer};
 use tollgate::store::LedgerRow;
 use uuid::Uuid;
 
@@ -87,70 +87,6 @@ async fn run_sdk_script(server: &TestServer, key: &str) -> Value {
     );
     serde_json::from_str(stdout.trim())
         .unwrap_or_else(|e| panic!("the script's output is not JSON ({e}):\n{stdout}\n{stderr}"))
-}
-
-/// Tokens of `text` in `cl100k_base`, the tokenizer the mock counts with.
-fn tokens(text: &str) -> i64 {
-    tiktoken_rs::cl100k_base_singleton()
-        .encode_with_special_tokens(text)
-        .len() as i64
-}
-
-/// mock-1 at $0.15 / $0.60 per million tokens, rounded up once (src/pricing.rs).
-fn mock_cost(input_tokens: i64, output_tokens: i64) -> i64 {
-    let total = i128::from(input_tokens) * 150_000 + i128::from(output_tokens) * 600_000;
-    ((total + 999_999) / 1_000_000) as i64
-}
-
-async fn ledger_row(server: &TestServer, request_id: &str) -> LedgerRow {
-    let store = &server.state.store;
-    wait_until(
-        &format!("the ledger has a row for request {request_id}"),
-        DEADLINE,
-        || async move {
-            !store
-                .ledger_rows_for_request(request_id)
-                .await
-                .expect("read the ledger")
-                .is_empty()
-        },
-    )
-    .await;
-    let rows = store.ledger_rows_for_request(request_id).await.unwrap();
-    assert_eq!(rows.len(), 1, "one ledger row per request: {rows:?}");
-    rows.into_iter().next().unwrap()
-}
-
-/// The `audit.request` payload of a request, waiting for the ledger writer.
-async fn audit_payload(server: &TestServer, request_id: &str) -> Value {
-    let url = server.url("/admin/v1/audit?type=audit.request&limit=1000");
-    let client = reqwest::Client::new();
-    let deadline = std::time::Instant::now() + DEADLINE;
-    loop {
-        let page: Value = client
-            .get(&url)
-            .bearer_auth(&server.admin_key)
-            .send()
-            .await
-            .expect("the gateway answers")
-            .json()
-            .await
-            .expect("the audit page is JSON");
-        let found = page["data"]
-            .as_array()
-            .expect("data is a list")
-            .iter()
-            .find(|r| r["request_id"] == request_id)
-            .map(|r| r["payload"].clone());
-        if let Some(payload) = found {
-            return payload;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no audit row for request {request_id} within {DEADLINE:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 fn check_row(row: &LedgerRow, key_id: Uuid, streamed: bool, usage: (i64, i64)) {
@@ -287,31 +223,31 @@ async fn the_official_openai_python_sdk_works_streamed_and_not() {
         "request ids are distinct: {ids:?}"
     );
     check_row(
-        &ledger_row(&server, &ids[0]).await,
+        &server.ledger_row(&ids[0]).await,
         record.id,
         false,
         (input, output),
     );
     check_row(
-        &ledger_row(&server, &ids[1]).await,
+        &server.ledger_row(&ids[1]).await,
         record.id,
         true,
         (input, output),
     );
     check_row(
-        &ledger_row(&server, &ids[2]).await,
+        &server.ledger_row(&ids[2]).await,
         record.id,
         true,
         (input, output),
     );
     check_row(
-        &ledger_row(&server, &ids[3]).await,
+        &server.ledger_row(&ids[3]).await,
         record.id,
         false,
         (embedded, 0),
     );
     // The unknown model reached no provider: audited, no ledger row.
-    let audit = audit_payload(&server, &ids[4]).await;
+    let audit = server.audit_record(&ids[4]).await["payload"].clone();
     assert_eq!(audit["status"], 404, "{audit}");
     assert_eq!(audit["error"], "model_not_found", "{audit}");
     assert_eq!(audit["key_id"], record.id.to_string(), "{audit}");
@@ -323,7 +259,7 @@ async fn the_official_openai_python_sdk_works_streamed_and_not() {
         .unwrap()
         .is_empty());
     // The failure reached the provider: a row with no tokens and status 502.
-    let failed = ledger_row(&server, &ids[5]).await;
+    let failed = server.ledger_row(&ids[5]).await;
     assert_eq!(failed.status, 502, "{failed:?}");
     assert_eq!(
         (
@@ -333,7 +269,7 @@ async fn the_official_openai_python_sdk_works_streamed_and_not() {
         ),
         (0, 0, 0)
     );
-    let audit = audit_payload(&server, &ids[5]).await;
+    let audit = server.audit_record(&ids[5]).await["payload"].clone();
     assert_eq!(audit["error"], "upstream_error", "{audit}");
     server.shutdown().await;
 }

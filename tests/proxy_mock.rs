@@ -12,18 +12,13 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use support::{wait_until, TestServer, DEADLINE};
+use support::{mock_cost, tokens, TestServer, DEADLINE};
 use tollgate::config::{Config, ModelConfig, ProviderConfig};
-use tollgate::store::LedgerRow;
 use uuid::Uuid;
 
 const CHAT: &str = "/v1/chat/completions";
 const EMBEDDINGS: &str = "/v1/embeddings";
 const MODELS: &str = "/v1/models";
-
-/// mock-1's prices in micro-dollars per million tokens ($0.15 and $0.60).
-const MOCK_INPUT_MICROS_PER_MTOK: i128 = 150_000;
-const MOCK_OUTPUT_MICROS_PER_MTOK: i128 = 600_000;
 
 /// A gateway on the default configuration (changed by `configure`) with a
 /// non-admin key whose id is known.
@@ -59,60 +54,6 @@ impl Gateway {
             .await
             .expect("the gateway answers")
     }
-
-    /// The one ledger row of a request, waiting for the ledger writer.
-    async fn ledger_row(&self, request_id: &str) -> LedgerRow {
-        let store = &self.server.state.store;
-        wait_until(
-            &format!("the ledger has a row for request {request_id}"),
-            DEADLINE,
-            || async move {
-                !store
-                    .ledger_rows_for_request(request_id)
-                    .await
-                    .expect("read the ledger")
-                    .is_empty()
-            },
-        )
-        .await;
-        let rows = store.ledger_rows_for_request(request_id).await.unwrap();
-        assert_eq!(rows.len(), 1, "one ledger row per request: {rows:?}");
-        rows.into_iter().next().unwrap()
-    }
-
-    /// The `audit.request` record of a request, through the admin API,
-    /// waiting for the ledger writer.
-    async fn audit_record(&self, request_id: &str) -> Value {
-        let url = self
-            .server
-            .url("/admin/v1/audit?type=audit.request&limit=1000");
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            let response = self
-                .http
-                .get(&url)
-                .bearer_auth(&self.server.admin_key)
-                .send()
-                .await
-                .expect("the gateway answers");
-            assert_eq!(response.status(), StatusCode::OK);
-            let page: Value = response.json().await.unwrap();
-            let found = page["data"]
-                .as_array()
-                .expect("data is a list")
-                .iter()
-                .find(|r| r["request_id"] == request_id)
-                .cloned();
-            if let Some(record) = found {
-                return record;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the audit log has no request {request_id} after {DEADLINE:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
 }
 
 fn request_id(response: &reqwest::Response) -> String {
@@ -129,23 +70,9 @@ fn header<'a>(response: &'a reqwest::Response, name: &str) -> Option<&'a str> {
     response.headers().get(name).map(|v| v.to_str().unwrap())
 }
 
-/// Tokens of `text` in `cl100k_base`, the tokenizer the mock counts with.
-fn tokens(text: &str) -> i64 {
-    tiktoken_rs::cl100k_base_singleton()
-        .encode_with_special_tokens(text)
-        .len() as i64
-}
-
 /// OpenAI's chat framing: 4 tokens per message and 3 for the reply.
 fn prompt_tokens(messages: &[&str]) -> i64 {
     messages.iter().map(|m| 4 + tokens(m)).sum::<i64>() + 3
-}
-
-/// src/pricing.rs: ceil((in × in_price + out × out_price) / 1 000 000).
-fn mock_cost(input_tokens: i64, output_tokens: i64) -> i64 {
-    let total = i128::from(input_tokens) * MOCK_INPUT_MICROS_PER_MTOK
-        + i128::from(output_tokens) * MOCK_OUTPUT_MICROS_PER_MTOK;
-    ((total + 999_999) / 1_000_000) as i64
 }
 
 fn chat_body(model: &str, content: &str) -> Value {
@@ -282,7 +209,7 @@ async fn non_streaming_chat_answers_deterministically_with_the_usage_the_ledger_
         json!({"prompt_tokens": input, "completion_tokens": output, "total_tokens": input + output})
     );
 
-    let row = gw.ledger_row(&id).await;
+    let row = gw.server.ledger_row(&id).await;
     assert_eq!(row.request_id, id);
     assert_eq!(row.key_id, gw.key_id);
     assert_eq!(row.model, "mock-1");
@@ -310,7 +237,7 @@ async fn non_streaming_chat_answers_deterministically_with_the_usage_the_ledger_
     assert_eq!(second["choices"], answer["choices"]);
     assert_eq!(second["id"], answer["id"]);
     assert_eq!(second["usage"], answer["usage"]);
-    let row = gw.ledger_row("client-chosen-id-1").await;
+    let row = gw.server.ledger_row("client-chosen-id-1").await;
     assert_eq!(
         (row.input_tokens, row.output_tokens),
         (input, output),
@@ -366,7 +293,7 @@ async fn a_stream_sends_its_chunks_in_order_ends_with_done_and_has_no_usage_chun
     assert_eq!(sse.content(), "Mock reply to: hello world");
 
     // The gateway asked for usage upstream all the same: the row has it.
-    let row = gw.ledger_row(&id).await;
+    let row = gw.server.ledger_row(&id).await;
     let (input, output) = (
         prompt_tokens(&["hello world"]),
         tokens("Mock reply to: hello world"),
@@ -415,7 +342,7 @@ async fn a_stream_that_asks_for_usage_gets_exactly_one_usage_chunk_right_before_
         usage_chunk["usage"],
         json!({"prompt_tokens": input, "completion_tokens": output, "total_tokens": input + output})
     );
-    let row = gw.ledger_row(&id).await;
+    let row = gw.server.ledger_row(&id).await;
     assert_eq!((row.input_tokens, row.output_tokens), (input, output));
     assert_eq!(row.cost_micros, mock_cost(input, output));
     assert!(row.streamed);
@@ -465,7 +392,7 @@ async fn embeddings_are_eight_deterministic_dimensions_with_usage() {
         first["usage"],
         json!({"prompt_tokens": input, "total_tokens": input})
     );
-    let row = gw.ledger_row(&id).await;
+    let row = gw.server.ledger_row(&id).await;
     assert_eq!((row.input_tokens, row.output_tokens), (2, 0));
     // ceil(2 × 0.15) = 1 micro-dollar.
     assert_eq!(row.cost_micros, 1);
@@ -488,7 +415,7 @@ async fn embeddings_are_eight_deterministic_dimensions_with_usage() {
     assert_eq!(vector(&batch, 1), vector(&other, 0));
     let both = tokens("hello world") + tokens("goodbye world");
     assert_eq!(batch["usage"]["prompt_tokens"], both);
-    assert_eq!(gw.ledger_row(&id).await.input_tokens, both);
+    assert_eq!(gw.server.ledger_row(&id).await.input_tokens, both);
     gw.server.shutdown().await;
 }
 
@@ -650,13 +577,13 @@ async fn the_mock_fail_model_always_answers_502_upstream_error_and_is_recorded()
                 "upstream_error",
             )
             .await;
-            let row = gw.ledger_row(&id).await;
+            let row = gw.server.ledger_row(&id).await;
             assert_eq!(row.status, 502, "{row:?}");
             assert_eq!(
                 (row.input_tokens, row.output_tokens, row.cost_micros),
                 (0, 0, 0)
             );
-            let audit = gw.audit_record(&id).await;
+            let audit = gw.server.audit_record(&id).await;
             assert_eq!(audit["key_id"], gw.key_id.to_string(), "{audit}");
             assert_eq!(audit["payload"]["status"], 502, "{audit}");
             assert_eq!(audit["payload"]["error"], "upstream_error", "{audit}");
@@ -756,7 +683,7 @@ async fn latency_ms_delays_every_answer_by_at_least_that_long() {
         "Mock reply to: hello"
     );
     assert!(elapsed >= LATENCY, "answered after {elapsed:?}");
-    let row = gw.ledger_row(&id).await;
+    let row = gw.server.ledger_row(&id).await;
     assert!(row.latency_ms >= 300, "{row:?}");
 
     // A stream's first byte waits as long.
@@ -861,7 +788,7 @@ async fn a_huge_tokens_per_second_is_refused_or_streams_without_crashing() {
         .json(&body)
         .send()
         .await;
-    let audit = gw.audit_record("huge-tokens-per-second").await;
+    let audit = gw.server.audit_record("huge-tokens-per-second").await;
     let response = response.unwrap_or_else(|e| {
         panic!("tokens_per_second = {huge} broke the request ({e}); audited as {audit}")
     });
@@ -910,7 +837,7 @@ async fn cost_follows_the_pricing_rule_and_adds_up_in_the_usage_report() {
         let id = request_id(&response);
         let answer: Value = response.json().await.unwrap();
         assert_eq!(answer["usage"]["prompt_tokens"], *input, "{path}");
-        let row = gw.ledger_row(&id).await;
+        let row = gw.server.ledger_row(&id).await;
         assert_eq!((row.input_tokens, row.output_tokens), (*input, *output));
         let cost = mock_cost(*input, *output);
         assert!(cost > 0);
@@ -953,7 +880,7 @@ async fn audit_rows_keep_bodies_out_unless_include_bodies_is_set() {
         let response = gw.post(CHAT, &body).await;
         assert_eq!(response.status(), StatusCode::OK);
         let id = request_id(&response);
-        let audit = gw.audit_record(&id).await;
+        let audit = gw.server.audit_record(&id).await;
         let payload = &audit["payload"];
         assert_eq!(audit["type"], "audit.request", "{audit}");
         assert_eq!(payload["status"], 200, "{audit}");

@@ -27,7 +27,6 @@ use tollgate::config::{Config, ModelConfig, ProviderConfig, ProviderType};
 use tollgate::events::model::SystemStartup;
 use tollgate::proxy::provider::Endpoint;
 use tollgate::proxy::usage;
-use tollgate::store::LedgerRow;
 use upstream::{completion, content_chunk, refused_addr, usage_chunk, Reply, Step, Upstream};
 use uuid::Uuid;
 
@@ -99,17 +98,6 @@ fn gpt_test_cost(input: i64, output: i64) -> i64 {
     (total + 999_999) / 1_000_000
 }
 
-async fn key_id(server: &TestServer, secret: &str) -> Uuid {
-    server
-        .state
-        .store
-        .find_api_key_by_hash(&tollgate::auth::keys::hash(secret))
-        .await
-        .unwrap()
-        .expect("the key exists")
-        .id
-}
-
 async fn post(
     server: &TestServer,
     path: &str,
@@ -164,26 +152,6 @@ fn request_id(response: &reqwest::Response) -> String {
         .to_owned();
     assert!(!id.is_empty());
     id
-}
-
-/// The one ledger row of a request, waiting for the writer to commit it.
-async fn ledger_row(server: &TestServer, request_id: &str) -> LedgerRow {
-    let store = &server.state.store;
-    wait_until(
-        &format!("the ledger has a row for {request_id}"),
-        DEADLINE,
-        || async {
-            !store
-                .ledger_rows_for_request(request_id)
-                .await
-                .unwrap()
-                .is_empty()
-        },
-    )
-    .await;
-    let mut rows = store.ledger_rows_for_request(request_id).await.unwrap();
-    assert_eq!(rows.len(), 1, "one ledger row per request: {rows:?}");
-    rows.remove(0)
 }
 
 /// Asserts an OpenAI-shaped error with exactly `type`, `code`, `message`;
@@ -339,7 +307,7 @@ async fn a_completion_is_forwarded_with_the_upstream_model_and_key_and_recorded(
     upstream.push(Reply::Json(200, answer.clone()));
     let server = gateway(&upstream).await;
     let key = server.create_key("app", false).await;
-    let key_id = key_id(&server, &key).await;
+    let key_id = server.key_id(&key).await;
 
     let client_body = json!({
         "model": "gpt-test",
@@ -365,7 +333,7 @@ async fn a_completion_is_forwarded_with_the_upstream_model_and_key_and_recorded(
     );
     assert_eq!(received.body, as_forwarded(&client_body));
 
-    let row = ledger_row(&server, &id).await;
+    let row = server.ledger_row(&id).await;
     assert_eq!(row.request_id, id);
     assert_eq!(row.key_id, key_id);
     assert_eq!(row.model, "gpt-test");
@@ -417,7 +385,7 @@ async fn a_stream_asks_the_upstream_for_usage_and_gives_the_client_only_what_it_
     let mut forwarded = as_forwarded(&client_body);
     forwarded["stream_options"] = json!({"include_usage": true});
     assert_eq!(upstream.requests()[0].body, forwarded);
-    let row = ledger_row(&server, &id).await;
+    let row = server.ledger_row(&id).await;
     assert_eq!((row.input_tokens, row.output_tokens), (9, 3));
     assert_eq!(row.cost_micros, gpt_test_cost(9, 3));
     assert!(row.streamed);
@@ -437,7 +405,7 @@ async fn a_stream_asks_the_upstream_for_usage_and_gives_the_client_only_what_it_
     expected.push(json!("[DONE]"));
     assert_eq!(sse_values(&text), expected, "{text}");
     assert_eq!(upstream.requests()[1].body, as_forwarded(&client_body));
-    let row = ledger_row(&server, &id).await;
+    let row = server.ledger_row(&id).await;
     assert_eq!((row.input_tokens, row.output_tokens), (8, 3));
     assert!(!row.estimated);
 
@@ -463,7 +431,7 @@ async fn a_stream_asks_the_upstream_for_usage_and_gives_the_client_only_what_it_
     let mut forwarded = as_forwarded(&client_body);
     forwarded["stream_options"] = json!({"include_usage": true});
     assert_eq!(upstream.requests()[2].body, forwarded);
-    let row = ledger_row(&server, &id).await;
+    let row = server.ledger_row(&id).await;
     assert_eq!((row.input_tokens, row.output_tokens), (7, 4));
     assert!(!row.estimated);
     server.shutdown().await;
@@ -499,7 +467,7 @@ async fn a_stream_without_usage_is_counted_with_the_tokenizer_and_marked_estimat
     let output = usage::count_tokens(&deltas.concat());
     let input = usage::estimate_input(Endpoint::ChatCompletions, &client_body);
     assert!(output > 0 && input > 0);
-    let row = ledger_row(&server, &id).await;
+    let row = server.ledger_row(&id).await;
     assert_eq!((row.input_tokens, row.output_tokens), (input, output));
     assert_eq!(row.cost_micros, gpt_test_cost(input, output));
     assert!(row.estimated);
@@ -566,7 +534,7 @@ async fn the_first_chunk_reaches_the_client_before_the_upstream_sends_the_last()
     );
     assert!(probe.finished());
     assert!(!probe.cancelled());
-    let row = ledger_row(&server, &id).await;
+    let row = server.ledger_row(&id).await;
     assert_eq!((row.input_tokens, row.output_tokens), (5, 2));
     server.shutdown().await;
 }
@@ -584,7 +552,7 @@ async fn assert_failure_recorded(
     stream: bool,
     code: &str,
 ) {
-    let row = ledger_row(server, id).await;
+    let row = server.ledger_row(id).await;
     assert_eq!(row.key_id, key_id);
     assert_eq!(row.model, "gpt-test");
     assert_eq!(row.provider, "up");
@@ -609,7 +577,7 @@ async fn an_upstream_client_error_passes_through_with_its_status_and_message() {
     upstream.push(Reply::Json(400, error.clone()));
     let server = gateway(&upstream).await;
     let key = server.create_key("app", false).await;
-    let key_id = key_id(&server, &key).await;
+    let key_id = server.key_id(&key).await;
     let mut events = Events::open(&server, &server.admin_key, "audit.request").await;
 
     let response = post(&server, CHAT, Some(&key), &chat_body("too long")).await;
@@ -663,7 +631,7 @@ async fn an_upstream_server_error_is_502_upstream_error() {
     ));
     let server = gateway(&upstream).await;
     let key = server.create_key("app", false).await;
-    let key_id = key_id(&server, &key).await;
+    let key_id = server.key_id(&key).await;
     let mut events = Events::open(&server, &server.admin_key, "audit.request").await;
 
     let response = post(&server, CHAT, Some(&key), &chat_body("hello")).await;
@@ -720,7 +688,7 @@ async fn a_hanging_upstream_is_504_upstream_timeout_after_the_providers_timeout(
     upstream.push(Reply::Hang);
     let server = gateway_with(upstream.base_url(), 1, |_| {}).await;
     let key = server.create_key("app", false).await;
-    let key_id = key_id(&server, &key).await;
+    let key_id = server.key_id(&key).await;
     let mut events = Events::open(&server, &server.admin_key, "audit.request").await;
 
     let started = Instant::now();
@@ -755,7 +723,7 @@ async fn a_hanging_upstream_is_504_upstream_timeout_after_the_providers_timeout(
 async fn a_refused_connection_is_502_upstream_unreachable() {
     let server = gateway_with(format!("http://{}/v1", refused_addr()), 2, |_| {}).await;
     let key = server.create_key("app", false).await;
-    let key_id = key_id(&server, &key).await;
+    let key_id = server.key_id(&key).await;
     let mut events = Events::open(&server, &server.admin_key, "audit.request").await;
 
     let response = post(&server, CHAT, Some(&key), &chat_body("anyone there?")).await;
@@ -827,7 +795,7 @@ async fn a_client_that_disconnects_mid_stream_cancels_the_upstream_and_is_record
     // client left, not because it timed out.
     let server = gateway_with(upstream.base_url(), 60, |_| {}).await;
     let key = server.create_key("app", false).await;
-    let key_id = key_id(&server, &key).await;
+    let key_id = server.key_id(&key).await;
     let mut events = Events::open(&server, &server.admin_key, "audit.request,usage.recorded").await;
 
     let client_body = stream_body("Tell me a long story");
@@ -857,7 +825,7 @@ async fn a_client_that_disconnects_mid_stream_cancels_the_upstream_and_is_record
 
     let output = usage::count_tokens("Hello there, partial");
     let input = usage::estimate_input(Endpoint::ChatCompletions, &client_body);
-    let row = ledger_row(&server, &id).await;
+    let row = server.ledger_row(&id).await;
     assert_eq!(row.key_id, key_id);
     assert_eq!((row.input_tokens, row.output_tokens), (input, output));
     assert_eq!(row.cost_micros, gpt_test_cost(input, output));
@@ -881,7 +849,7 @@ async fn a_client_that_leaves_before_the_answer_cancels_the_upstream_and_is_reco
     let probe = upstream.push(Reply::Hang);
     let server = gateway_with(upstream.base_url(), 60, |_| {}).await;
     let key = server.create_key("app", false).await;
-    let key_id = key_id(&server, &key).await;
+    let key_id = server.key_id(&key).await;
     let mut events = Events::open(&server, &server.admin_key, "audit.request").await;
 
     let connection = raw_post(&server, CHAT, &key, &chat_body("take your time")).await;
@@ -907,7 +875,7 @@ async fn a_client_that_leaves_before_the_answer_cancels_the_upstream_and_is_reco
     };
     let id = audit["payload"]["request_id"].as_str().unwrap().to_owned();
     assert_audit(&audit, &id, Some(key_id), 499, false, Some("client_closed"));
-    let row = ledger_row(&server, &id).await;
+    let row = server.ledger_row(&id).await;
     assert_eq!(row.key_id, key_id);
     assert_eq!(
         (row.input_tokens, row.output_tokens, row.cost_micros),
@@ -928,7 +896,7 @@ async fn an_upstream_stream_that_breaks_off_is_recorded_with_what_was_produced()
     ]);
     let server = gateway(&upstream).await;
     let key = server.create_key("app", false).await;
-    let key_id = key_id(&server, &key).await;
+    let key_id = server.key_id(&key).await;
     let mut events = Events::open(&server, &server.admin_key, "audit.request").await;
 
     let client_body = stream_body("a broken story");
@@ -965,7 +933,7 @@ async fn an_upstream_stream_that_breaks_off_is_recorded_with_what_was_produced()
 
     let output = usage::count_tokens("Half an answer");
     let input = usage::estimate_input(Endpoint::ChatCompletions, &client_body);
-    let row = ledger_row(&server, &id).await;
+    let row = server.ledger_row(&id).await;
     assert_eq!((row.input_tokens, row.output_tokens), (input, output));
     assert!(row.estimated);
     assert!(row.streamed);
@@ -988,7 +956,7 @@ async fn subscribers_get_audit_and_usage_events_matching_the_ledger_within_100ms
     upstream.push(Reply::Json(200, completion("Also recorded.", 21, 3)));
     let server = gateway(&upstream).await;
     let key = server.create_key("app", false).await;
-    let key_id = key_id(&server, &key).await;
+    let key_id = server.key_id(&key).await;
     let mut events = Events::open(&server, &server.admin_key, "audit.request,usage.recorded").await;
 
     for (body, stream) in [
@@ -1007,7 +975,7 @@ async fn subscribers_get_audit_and_usage_events_matching_the_ledger_within_100ms
             "usage.recorded came {delay:?} after the response ended"
         );
         let audit = events.event("audit.request", &id).await;
-        let row = ledger_row(&server, &id).await;
+        let row = server.ledger_row(&id).await;
         assert_eq!(usage_event["topic"], "usage");
         assert_eq!(
             usage_event["payload"],
@@ -1035,7 +1003,7 @@ async fn a_key_subscriber_sees_only_its_own_requests() {
     let server = gateway(&upstream).await;
     let key_a = server.create_key("a", false).await;
     let key_b = server.create_key("b", false).await;
-    let id_a = key_id(&server, &key_a).await;
+    let id_a = server.key_id(&key_a).await;
     let mut admin = Events::open(&server, &server.admin_key, "audit.request,usage.recorded").await;
     let mut events_a = Events::open(
         &server,
@@ -1073,7 +1041,7 @@ async fn bad_requests_are_answered_clearly_and_audited() {
     let upstream = Upstream::start().await;
     let server = gateway_with(upstream.base_url(), 2, |c| c.server.max_body_bytes = 2048).await;
     let key = server.create_key("validator", false).await;
-    let key_id = key_id(&server, &key).await;
+    let key_id = server.key_id(&key).await;
     let user = server.create_key("user", false).await;
     let mut admin = Events::open(&server, &server.admin_key, "audit.request").await;
     let mut user_events = Events::open(&server, &user, "audit.request,system.startup").await;
@@ -1164,7 +1132,7 @@ async fn embeddings_are_forwarded_and_their_prompt_tokens_recorded() {
     upstream.push(Reply::Json(200, answer.clone()));
     let server = gateway(&upstream).await;
     let key = server.create_key("app", false).await;
-    let key_id = key_id(&server, &key).await;
+    let key_id = server.key_id(&key).await;
     let mut events = Events::open(&server, &server.admin_key, "audit.request,usage.recorded").await;
 
     let client_body = json!({"model": "gpt-test", "input": "embed these words please",
@@ -1185,7 +1153,7 @@ async fn embeddings_are_forwarded_and_their_prompt_tokens_recorded() {
     );
     assert_eq!(requests[0].body, as_forwarded(&client_body));
 
-    let row = ledger_row(&server, &id).await;
+    let row = server.ledger_row(&id).await;
     assert_eq!(row.key_id, key_id);
     assert_eq!((row.input_tokens, row.output_tokens), (7, 0));
     assert_eq!(row.cost_micros, gpt_test_cost(7, 0));
@@ -1423,7 +1391,7 @@ async fn the_audit_log_and_usage_totals_filter_group_and_paginate() {
             } else {
                 cost_2(input, output)
             };
-            let row = ledger_row(server, &id).await;
+            let row = server.ledger_row(&id).await;
             assert_eq!(
                 (row.input_tokens, row.output_tokens, row.cost_micros),
                 (input, output, cost)
@@ -1609,7 +1577,7 @@ async fn the_audit_log_and_usage_totals_filter_group_and_paginate() {
 
     let mut days: BTreeMap<String, Vec<&Made>> = BTreeMap::new();
     for m in &made {
-        let at = ledger_row(&server, &m.id).await.at;
+        let at = server.ledger_row(&m.id).await.at;
         days.entry(at.format("%Y-%m-%d").to_string())
             .or_default()
             .push(m);

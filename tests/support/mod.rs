@@ -2,9 +2,13 @@
 //! in-process gateway on 127.0.0.1:0, a scratch folder for running the built
 //! binary, and waiting for a condition with a deadline.
 //!
+//! It also holds the small lookups several test files need: a key's id, a
+//! request's ledger row or audit record (waiting for the ledger writer), a
+//! plain chat request, and a marker event.
+//!
 //! Every `tests/*.rs` file compiles this module on its own and uses only part
-//! of it, hence the `dead_code` allowance. Keep it to setup: assertions about
-//! behaviour belong in the tests themselves.
+//! of it, hence the `dead_code` allowance. Keep it to setup and lookups:
+//! assertions about behaviour belong in the tests themselves.
 #![allow(dead_code)]
 
 use std::future::Future;
@@ -16,13 +20,16 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle as ThreadHandle;
 use std::time::{Duration, Instant};
 
+use serde_json::{json, Value};
 use sqlx::{Connection, Executor};
 use tempfile::TempDir;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tollgate::config::Config;
+use tollgate::events::model::SystemStartup;
 use tollgate::server::{AppState, Server};
-use tollgate::store::Store;
+use tollgate::store::{ApiKeyRecord, LedgerRow, Store};
+use uuid::Uuid;
 
 /// How long a test waits for something that should happen at once (a server
 /// answering, a process exiting) before failing. Generous, because tests
@@ -229,6 +236,87 @@ impl TestServer {
         secret.expose().to_owned()
     }
 
+    /// The stored record of the key `secret` (panics if there is none).
+    pub async fn key_record(&self, secret: &str) -> ApiKeyRecord {
+        self.state
+            .store
+            .find_api_key_by_hash(&tollgate::auth::keys::hash(secret))
+            .await
+            .expect("look the key up")
+            .expect("the key exists")
+    }
+
+    /// The id of the key `secret` (panics if there is none).
+    pub async fn key_id(&self, secret: &str) -> Uuid {
+        self.key_record(secret).await.id
+    }
+
+    /// `POST /v1/chat/completions` with `key` for `model` and one user
+    /// message, `content`.
+    pub async fn chat(&self, key: &str, model: &str, content: &str) -> reqwest::Response {
+        reqwest::Client::new()
+            .post(self.url("/v1/chat/completions"))
+            .bearer_auth(key)
+            .json(&json!({"model": model, "messages": [{"role": "user", "content": content}]}))
+            .send()
+            .await
+            .expect("the gateway answers")
+    }
+
+    /// The one ledger row of a request, waiting (up to [`DEADLINE`]) for the
+    /// ledger writer; panics unless there is exactly one.
+    pub async fn ledger_row(&self, request_id: &str) -> LedgerRow {
+        let store = &self.state.store;
+        wait_until(
+            &format!("the ledger has a row for request {request_id}"),
+            DEADLINE,
+            || async move {
+                !store
+                    .ledger_rows_for_request(request_id)
+                    .await
+                    .expect("read the ledger")
+                    .is_empty()
+            },
+        )
+        .await;
+        let mut rows = store.ledger_rows_for_request(request_id).await.unwrap();
+        assert_eq!(rows.len(), 1, "one ledger row per request: {rows:?}");
+        rows.remove(0)
+    }
+
+    /// The `audit.request` record of a request through the admin API
+    /// (`GET /admin/v1/audit`, which must answer 200), waiting (up to
+    /// [`DEADLINE`]) for the ledger writer.
+    pub async fn audit_record(&self, request_id: &str) -> Value {
+        let url = self.url("/admin/v1/audit?type=audit.request&limit=1000");
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let response = client
+                .get(&url)
+                .bearer_auth(&self.admin_key)
+                .send()
+                .await
+                .expect("the gateway answers");
+            assert_eq!(response.status(), reqwest::StatusCode::OK);
+            let page: Value = response.json().await.expect("the audit page is JSON");
+            let found = page["data"]
+                .as_array()
+                .expect("data is a list")
+                .iter()
+                .find(|r| r["request_id"] == request_id)
+                .cloned();
+            if let Some(record) = found {
+                return record;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the audit log has no request {request_id} after {DEADLINE:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Signals shutdown and waits for `run` to return `Ok` within the deadline.
     pub async fn shutdown(mut self) {
         if let Some(shutdown) = self.shutdown.take() {
@@ -276,13 +364,55 @@ impl Workspace {
     /// A minimal configuration file, `tollgate.toml`, using this folder's
     /// database and listening on `listen`.
     pub fn write_config(&self, listen: &str) -> PathBuf {
+        self.write_config_with(listen, "")
+    }
+
+    /// [`Workspace::write_config`] followed by `extra` (more TOML sections).
+    pub fn write_config_with(&self, listen: &str, extra: &str) -> PathBuf {
         self.write(
             "tollgate.toml",
             &format!(
-                "[server]\nlisten = \"{listen}\"\n\n[database]\nurl = \"{}\"\n",
+                "[server]\nlisten = \"{listen}\"\n\n[database]\nurl = \"{}\"\n{extra}",
                 self.database_url()
             ),
         )
+    }
+
+    /// Writes `tollgate.toml` ([`Workspace::write_config_with`] with `extra`)
+    /// for a free port of 127.0.0.1, runs `tollgate serve --config` on it and
+    /// waits (up to [`DEADLINE`]) until `/health` answers 200. Returns the
+    /// process, its address and the configuration file.
+    pub async fn serve(&self, extra: &str) -> (TollgateProcess, SocketAddr, PathBuf) {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let path = self.write_config_with(&addr.to_string(), extra);
+        let mut command = self.command();
+        command.args(["serve", "--config"]).arg(&path);
+        let process = TollgateProcess::spawn(command);
+        let health = format!("http://{addr}/health");
+        wait_until("the gateway answers /health", DEADLINE, || async {
+            reqwest::get(&health).await.is_ok_and(|r| r.status() == 200)
+        })
+        .await;
+        (process, addr, path)
+    }
+
+    /// Runs `tollgate keys ARGS… --config CONFIG` to its end, asserts that it
+    /// succeeded and returns its stdout.
+    pub fn keys(&self, config: &Path, args: &[&str]) -> String {
+        let output = self
+            .command()
+            .arg("keys")
+            .args(args)
+            .arg("--config")
+            .arg(config)
+            .output()
+            .expect("run tollgate keys");
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).expect("UTF-8 output")
     }
 
     /// The `tollgate` binary run in this folder, with the environment
@@ -301,6 +431,36 @@ impl Workspace {
 impl Default for Workspace {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// mock-1's prices in micro-dollars per million tokens ($0.15 and $0.60).
+pub const MOCK_INPUT_MICROS_PER_MTOK: i128 = 150_000;
+pub const MOCK_OUTPUT_MICROS_PER_MTOK: i128 = 600_000;
+
+/// Tokens of `text` in `cl100k_base`, the tokenizer the mock counts with.
+pub fn tokens(text: &str) -> i64 {
+    tiktoken_rs::cl100k_base_singleton()
+        .encode_with_special_tokens(text)
+        .len() as i64
+}
+
+/// What mock-1 costs for these tokens, computed here on its own by the rule
+/// of src/pricing.rs: ceil((in × in_price + out × out_price) / 1 000 000)
+/// micro-dollars.
+pub fn mock_cost(input_tokens: i64, output_tokens: i64) -> i64 {
+    let total = i128::from(input_tokens) * MOCK_INPUT_MICROS_PER_MTOK
+        + i128::from(output_tokens) * MOCK_OUTPUT_MICROS_PER_MTOK;
+    ((total + 999_999) / 1_000_000) as i64
+}
+
+/// A `system.startup` event from node `marker-N`, for a test to publish and
+/// recognise on a stream.
+pub fn marker(n: usize) -> SystemStartup {
+    SystemStartup {
+        version: "test".into(),
+        node: format!("marker-{n}"),
+        listen: "-".into(),
     }
 }
 

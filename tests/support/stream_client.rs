@@ -147,6 +147,21 @@ impl WsClient {
         }
     }
 
+    /// Every frame before the event with id `id` (a marker the test
+    /// published, so everything published before it has been seen); the
+    /// marker itself is read and left out. Panics on a close.
+    pub async fn until_id(&mut self, id: u64) -> Vec<Value> {
+        let id = id.to_string();
+        let mut frames = Vec::new();
+        loop {
+            let value = self.next_json().await;
+            if value["id"] == id.as_str() {
+                return frames;
+            }
+            frames.push(value);
+        }
+    }
+
     /// Reads until the close frame and returns its code; panics if another
     /// kind of frame than `allowed` types arrives first.
     pub async fn close_code(&mut self) -> Option<u16> {
