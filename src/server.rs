@@ -13,6 +13,7 @@ use anyhow::Context;
 use arc_swap::ArcSwap;
 use axum::http::{HeaderName, Request};
 use axum::routing::{delete, get, post};
+use axum::serve::ListenerExt;
 use axum::Router;
 use tokio::net::TcpListener;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
@@ -243,7 +244,14 @@ impl Server {
         background.spawn(reload::on_sighup(state.clone()));
         background.close();
         let stopping = state.clone();
-        let serve = axum::serve(self.listener, router(state.clone()))
+        // Without TCP_NODELAY a small event frame can wait for the peer's
+        // delayed ACK (tens of milliseconds) before it leaves.
+        let listener = self.listener.tap_io(|tcp| {
+            if let Err(error) = tcp.set_nodelay(true) {
+                tracing::debug!(%error, "cannot set TCP_NODELAY");
+            }
+        });
+        let serve = axum::serve(listener, router(state.clone()))
             .with_graceful_shutdown(async move {
                 shutdown.await;
                 tracing::info!("shutting down: no new connections; finishing in-flight requests");

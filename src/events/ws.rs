@@ -32,6 +32,9 @@ pub const MAX_CLIENT_MESSAGE: usize = 64 * 1024;
 /// Frames written per flush at most, so one busy connection cannot hold
 /// its task forever.
 const MAX_BATCH: usize = 512;
+/// Per-connection socket buffers; see the upgrade in [`ws_events`].
+const READ_BUFFER: usize = 4 * 1024;
+const WRITE_BUFFER: usize = 16 * 1024;
 /// How long a closing handshake may take before the socket is dropped.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
@@ -62,6 +65,11 @@ pub async fn ws_events(
     };
     let tracker = state.stream_tasks.clone();
     upgrade
+        // tungstenite's default read buffer is 128 KiB, zero-filled on every
+        // read attempt: 132 KiB per idle connection and a CPU cost on every
+        // loop. Clients send little; 4 KiB is plenty (BENCHMARKS.md).
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(WRITE_BUFFER)
         // Room above the protocol's limit so an oversized message is read
         // whole and answered with 1009 rather than a broken connection.
         .max_message_size(MAX_CLIENT_MESSAGE * 4)
