@@ -158,3 +158,73 @@ async fn ready_answers_503_when_the_postgres_database_is_dropped() {
     assert_unready(ready_status(&server).await).await;
     server.shutdown().await;
 }
+
+/// A slow mock stream: about 10 chunks at 10 per second.
+fn slow_streams(config: &mut tollgate::config::Config, shutdown_timeout_secs: u64) {
+    config.server.shutdown_timeout_secs = shutdown_timeout_secs;
+    let mock = config
+        .providers
+        .get_mut("mock")
+        .expect("the default mock provider");
+    mock.tokens_per_second = Some(10);
+}
+
+/// Starts a streamed chat request and returns its body once the first
+/// chunk has arrived, so the request is certainly in flight.
+async fn stream_in_flight(server: &TestServer) -> (reqwest::Response, Vec<u8>) {
+    let key = server.create_key("app", false).await;
+    let mut response = reqwest::Client::new()
+        .post(server.url("/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(&serde_json::json!({"model": "mock-1", "stream": true,
+            "messages": [{"role": "user", "content": "one two three four five six"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let first = tokio::time::timeout(DEADLINE, response.chunk())
+        .await
+        .expect("a first chunk in time")
+        .unwrap()
+        .expect("the stream has a first chunk");
+    (response, first.to_vec())
+}
+
+#[tokio::test]
+async fn graceful_shutdown_lets_an_in_flight_request_finish() {
+    let server = TestServer::start(|c| slow_streams(c, 10)).await;
+    let (mut response, mut body) = stream_in_flight(&server).await;
+    let stopping = tokio::spawn(server.shutdown());
+    while let Some(chunk) = tokio::time::timeout(DEADLINE, response.chunk())
+        .await
+        .expect("chunks keep coming during shutdown")
+        .expect("the stream is not cut")
+    {
+        body.extend_from_slice(&chunk);
+    }
+    let text = String::from_utf8(body).unwrap();
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    assert!(text.contains(" six"), "the whole reply arrived: {text}");
+    stopping.await.expect("the server stopped cleanly");
+}
+
+#[tokio::test]
+async fn graceful_shutdown_stops_waiting_after_shutdown_timeout_secs() {
+    let server = TestServer::start(|c| {
+        slow_streams(c, 1);
+        c.providers.get_mut("mock").unwrap().tokens_per_second = Some(1);
+    })
+    .await;
+    let (response, _) = stream_in_flight(&server).await;
+    let started = std::time::Instant::now();
+    server.shutdown().await;
+    let waited = started.elapsed();
+    assert!(
+        waited >= std::time::Duration::from_millis(900)
+            && waited < std::time::Duration::from_secs(5),
+        "the server waited {waited:?} for a 1 s grace"
+    );
+    // `run` has returned although the 10-second stream is still going: in
+    // the binary, the process exits here and the connection ends with it.
+    drop(response);
+}
