@@ -116,7 +116,7 @@ pub async fn revoke_key(
         StoreError::NotFound(m) => ApiError::not_found("key_not_found", m),
         e => ApiError::store(&e),
     })?;
-    state.revocations.notify(record.id);
+    state.key_invalidated(record.id);
     record_action(&state, &admin, "key.revoked", &record.id.to_string()).await?;
     Ok(Json(
         serde_json::to_value(&record).map_err(|e| ApiError::internal(e.to_string()))?,

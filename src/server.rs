@@ -22,6 +22,7 @@ use tower_http::trace::TraceLayer;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::cache::KeyCache;
 use crate::auth::keys::ApiKeySecret;
 use crate::auth::revocation::KeyRevocations;
 use crate::budget::{BudgetBook, Clock};
@@ -57,6 +58,8 @@ pub struct AppStateInner {
     /// Cancelled once, when the server starts shutting down.
     pub shutdown: CancellationToken,
     pub revocations: KeyRevocations,
+    /// Keys checked in the last second.
+    pub key_cache: KeyCache,
     /// Model name → provider; rebuilt whole on reload.
     pub routing: ArcSwap<Routing>,
     /// Every provider's circuit breaker, kept across reloads.
@@ -103,6 +106,7 @@ impl AppState {
             stream_tasks: TaskTracker::new(),
             shutdown: CancellationToken::new(),
             revocations: KeyRevocations::default(),
+            key_cache: KeyCache::default(),
             routing: ArcSwap::from_pointee(routing),
             breakers,
             guardrails: ArcSwap::from_pointee(guardrails),
@@ -110,6 +114,14 @@ impl AppState {
             budget_book,
             clock: Arc::default(),
         })))
+    }
+}
+
+impl AppState {
+    /// A key was revoked or expired: stop trusting it and close its streams.
+    pub fn key_invalidated(&self, key_id: uuid::Uuid) {
+        self.key_cache.forget(key_id);
+        self.revocations.notify(key_id);
     }
 }
 

@@ -36,7 +36,7 @@ pub async fn run(state: AppState) {
         {
             Ok(ids) => {
                 for id in ids {
-                    state.revocations.notify(id);
+                    state.key_invalidated(id);
                 }
                 last_check = now;
             }

@@ -390,3 +390,38 @@ async fn unknown_routes_and_methods_get_openai_shaped_errors() {
     .await;
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_key_revoked_by_another_process_is_refused_within_the_cache_lifetime() {
+    let server = TestServer::start(|_| {}).await;
+    let key = server.create_key("app", false).await;
+    let models = |key: String| {
+        let url = server.url("/v1/models");
+        async move {
+            reqwest::Client::new()
+                .get(url)
+                .bearer_auth(key)
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    };
+    // Checked once, so the gateway now trusts it from its key cache.
+    assert_eq!(models(key.clone()).await, StatusCode::OK);
+    let id = server.key_id(&key).await;
+    // Straight to the store, as `tollgate keys revoke` or another node does.
+    server.state.store.revoke_api_key(id).await.unwrap();
+    let revoked = std::time::Instant::now();
+    wait_until("the revoked key is refused", DEADLINE, || async {
+        models(key.clone()).await == StatusCode::UNAUTHORIZED
+    })
+    .await;
+    // The store watcher's second plus the cache's second, with slack.
+    assert!(
+        revoked.elapsed() < std::time::Duration::from_secs(4),
+        "{:?}",
+        revoked.elapsed()
+    );
+    server.shutdown().await;
+}

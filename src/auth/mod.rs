@@ -1,6 +1,7 @@
 //! Who is calling: API keys presented as `Authorization: Bearer` (or, on the
 //! event stream, `?token=`), resolved against the store into an [`Identity`].
 
+pub mod cache;
 pub mod keys;
 pub mod revocation;
 
@@ -140,7 +141,7 @@ impl FromRequestParts<AppState> for ApiKeyAuth {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let token = bearer_token(&parts.headers).ok_or(AuthError::Missing)??;
-        let record = authenticate_key(&state.store, token).await?;
+        let record = state.key_cache.authenticate(&state.store, token).await?;
         Ok(ApiKeyAuth(KeyIdentity::from(&record)))
     }
 }

@@ -182,7 +182,7 @@ async fn authenticate(
     };
     match presented {
         Some(token) => {
-            let record = auth::authenticate_key(&state.store, token).await?;
+            let record = state.key_cache.authenticate(&state.store, token).await?;
             Ok(Identity::Key(KeyIdentity::from(&record)))
         }
         None if require_auth => Err(ApiError::from(AuthError::Missing)),

@@ -90,7 +90,7 @@ async fn authenticate(
     call: &mut Call,
 ) -> Result<ApiKeyRecord, ApiError> {
     let token = auth::bearer_token(headers).ok_or(AuthError::Missing)??;
-    let record = auth::authenticate_key(&state.store, token).await?;
+    let record = state.key_cache.authenticate(&state.store, token).await?;
     call.audit.key_id = Some(record.id);
     Ok(record)
 }
