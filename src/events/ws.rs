@@ -142,6 +142,10 @@ impl Connection<'_> {
         let mut revocations = self.state.revocations.subscribe();
         let own_key = self.session.filter.identity.key_id();
         let shutdown = self.state.shutdown.clone();
+        // One timer for the whole connection, moved on each Pong, rather
+        // than a new one registered on every pass through the loop.
+        let pong_timer = tokio::time::sleep_until(pong_deadline);
+        tokio::pin!(pong_timer);
         loop {
             tokio::select! {
                 biased;
@@ -158,7 +162,7 @@ impl Connection<'_> {
                     }
                     return End::Shutdown;
                 }
-                _ = tokio::time::sleep_until(pong_deadline) => {
+                _ = &mut pong_timer => {
                     return End::PongTimeout;
                 }
                 revoked = revocations.recv(), if own_key.is_some() => {
@@ -175,9 +179,12 @@ impl Connection<'_> {
                 }
                 message = self.stream.next() => {
                     match message {
-                        Some(Ok(Message::Pong(_))) => pong_deadline = Instant::now() + self.pong_timeout,
+                        Some(Ok(Message::Pong(_))) => {
+                            pong_deadline = Instant::now() + self.pong_timeout;
+                            pong_timer.as_mut().reset(pong_deadline);
+                        }
                         Some(Ok(Message::Text(text))) => {
-                            if text.len() > super::ws::MAX_CLIENT_MESSAGE {
+                            if text.len() > MAX_CLIENT_MESSAGE {
                                 self.close(close_code::MESSAGE_TOO_BIG, "message larger than 64 KiB").await;
                                 return End::TooBig;
                             }
