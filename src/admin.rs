@@ -33,6 +33,9 @@ pub struct CreateKeyRequest {
     pub budget_usd: Option<f64>,
     #[serde(default)]
     pub budget_period: Option<String>,
+    /// The user (OIDC subject) the key belongs to; they see its events.
+    #[serde(default)]
+    pub owner: Option<String>,
 }
 
 /// `POST /admin/v1/keys`: the new key is in the answer, and only there.
@@ -80,11 +83,24 @@ pub async fn create_key(
         admin: request.admin,
         expires_at,
         budget,
+        owner: request
+            .owner
+            .as_deref()
+            .map(auth::validate_owner)
+            .transpose()
+            .map_err(|m| ApiError::bad_request("invalid_owner", m))?
+            .map(str::to_owned),
     };
     let (record, secret) = auth::issue_key(&state.store, spec)
         .await
         .map_err(|e| ApiError::store(&e))?;
-    record_action(&state, &admin, "key.created", &record.id.to_string()).await?;
+    record_action(
+        &state,
+        &actor(&admin),
+        "key.created",
+        &record.id.to_string(),
+    )
+    .await?;
     let mut body = serde_json::to_value(&record).map_err(|e| ApiError::internal(e.to_string()))?;
     body["key"] = Value::String(secret.expose().to_owned());
     Ok((StatusCode::CREATED, Json(body)))
@@ -103,21 +119,88 @@ pub async fn list_keys(
     Ok(Json(json!({ "object": "list", "data": keys })))
 }
 
+fn parse_key_id(id: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(id).map_err(|_| {
+        ApiError::bad_request("invalid_key_id", format!("`{id}` is not a key id (a UUID)"))
+    })
+}
+
+fn key_store_error(error: StoreError) -> ApiError {
+    match error {
+        StoreError::NotFound(m) => ApiError::not_found("key_not_found", m),
+        e => ApiError::store(&e),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateKeyRequest {
+    /// The new owner (an OIDC subject), or `null` for none. Required.
+    pub owner: Option<String>,
+}
+
+/// `PATCH /admin/v1/keys/{id}`: gives the key to a user (`{"owner":
+/// "subject"}`) or takes it back (`{"owner": null}`).
+pub async fn update_key(
+    State(state): State<AppState>,
+    AdminAuth(admin): AdminAuth,
+    Path(id): Path<String>,
+    body: Result<Json<Value>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let id = parse_key_id(&id)?;
+    let Json(body) = body.map_err(|e| ApiError::bad_request("invalid_body", e.body_text()))?;
+    // `owner` must be present: a missing field is not the same as `null`.
+    if body.get("owner").is_none() {
+        return Err(ApiError::bad_request(
+            "invalid_body",
+            "give `owner`: a user's subject, or null to remove the owner",
+        ));
+    }
+    let request: UpdateKeyRequest = serde_json::from_value(body)
+        .map_err(|e| ApiError::bad_request("invalid_body", e.to_string()))?;
+    let owner = request
+        .owner
+        .as_deref()
+        .map(auth::validate_owner)
+        .transpose()
+        .map_err(|m| ApiError::bad_request("invalid_owner", m))?;
+    let record = state
+        .store
+        .set_api_key_owner(id, owner)
+        .await
+        .map_err(key_store_error)?;
+    record_action(
+        &state,
+        &actor(&admin),
+        "key.owner_changed",
+        &record.id.to_string(),
+    )
+    .await?;
+    Ok(Json(
+        serde_json::to_value(&record).map_err(|e| ApiError::internal(e.to_string()))?,
+    ))
+}
+
 /// `DELETE /admin/v1/keys/{id}`: revokes the key; revoking twice is harmless.
 pub async fn revoke_key(
     State(state): State<AppState>,
     AdminAuth(admin): AdminAuth,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let id = Uuid::parse_str(&id).map_err(|_| {
-        ApiError::bad_request("invalid_key_id", format!("`{id}` is not a key id (a UUID)"))
-    })?;
-    let record = state.store.revoke_api_key(id).await.map_err(|e| match e {
-        StoreError::NotFound(m) => ApiError::not_found("key_not_found", m),
-        e => ApiError::store(&e),
-    })?;
+    let id = parse_key_id(&id)?;
+    let record = state
+        .store
+        .revoke_api_key(id)
+        .await
+        .map_err(key_store_error)?;
     state.key_invalidated(record.id);
-    record_action(&state, &admin, "key.revoked", &record.id.to_string()).await?;
+    record_action(
+        &state,
+        &actor(&admin),
+        "key.revoked",
+        &record.id.to_string(),
+    )
+    .await?;
     Ok(Json(
         serde_json::to_value(&record).map_err(|e| ApiError::internal(e.to_string()))?,
     ))
@@ -131,7 +214,7 @@ pub async fn reload_config(
 ) -> Result<Json<Value>, ApiError> {
     match crate::reload::reload(&state).await {
         Ok(changed) => {
-            record_action(&state, &admin, "config.reloaded", "configuration").await?;
+            record_action(&state, &actor(&admin), "config.reloaded", "configuration").await?;
             Ok(Json(
                 json!({ "status": "reloaded", "changed_sections": changed }),
             ))
@@ -143,14 +226,19 @@ pub async fn reload_config(
     }
 }
 
+/// The `actor` of an admin key's actions: its id.
+fn actor(admin: &KeyIdentity) -> String {
+    admin.id.to_string()
+}
+
 /// Keeps an admin action in the store and publishes it as `audit.admin`.
-async fn record_action(
+pub async fn record_action(
     state: &AppState,
-    admin: &KeyIdentity,
+    actor: &str,
     action: &str,
     target: &str,
 ) -> Result<(), ApiError> {
-    let actor = admin.id.to_string();
+    let actor = actor.to_owned();
     state
         .store
         .record_admin_action(&actor, action, target, true)

@@ -47,6 +47,126 @@ pub struct Config {
     pub budgets: Vec<crate::budget::BudgetConfig>,
     #[serde(default)]
     pub guardrails: crate::guardrails::GuardrailsConfig,
+    #[serde(default)]
+    pub auth: AuthConfig,
+}
+
+/// `[auth]`: how browsers sign in. Without `[auth.oidc]` there is no
+/// browser login and streams take API keys only.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub oidc: Option<OidcConfig>,
+}
+
+/// `[auth.oidc]`: sign-in with an OpenID Connect provider (Authorization
+/// Code flow with PKCE, `state` and `nonce`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OidcConfig {
+    /// The provider's issuer URL; its discovery document is read from
+    /// `<issuer>/.well-known/openid-configuration`.
+    pub issuer: String,
+    pub client_id: String,
+    /// Absent for a public client.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_secret: Option<String>,
+    /// This gateway's `/auth/callback` as the provider knows it, e.g.
+    /// `https://gateway.example.com/auth/callback`. Its scheme decides
+    /// whether the session cookie is `Secure`.
+    pub redirect_url: String,
+    /// Scopes asked for; `openid` is always asked for.
+    #[serde(default = "default_oidc_scopes")]
+    pub scopes: Vec<String>,
+    /// Users in any of these groups are administrators.
+    #[serde(default)]
+    pub admin_groups: Vec<String>,
+    /// The ID-token claim that lists a user's groups.
+    #[serde(default = "default_groups_claim")]
+    pub groups_claim: String,
+    #[serde(default = "default_session_ttl_secs")]
+    pub session_ttl_secs: u64,
+    /// Origins besides the gateway's own from which a cookie-authenticated
+    /// stream may be opened, e.g. `https://grafana.example.com`.
+    #[serde(default)]
+    pub allowed_origins: Vec<String>,
+}
+
+fn default_oidc_scopes() -> Vec<String> {
+    ["openid", "profile", "email"].map(str::to_owned).to_vec()
+}
+
+fn default_groups_claim() -> String {
+    "groups".to_owned()
+}
+
+fn default_session_ttl_secs() -> u64 {
+    8 * 3600
+}
+
+/// The shortest and longest session lifetimes accepted.
+const SESSION_TTL_RANGE: std::ops::RangeInclusive<u64> = 60..=30 * 24 * 3600;
+
+impl OidcConfig {
+    /// The origin of `redirect_url`: the gateway as browsers reach it.
+    pub fn redirect_url_origin(&self) -> String {
+        url::Url::parse(&self.redirect_url)
+            .map(|url| url.origin().ascii_serialization())
+            .unwrap_or_default()
+    }
+
+    fn validate(&self) -> Result<(), (String, String)> {
+        let fail = |field: &str, message: String| Err((format!("auth.oidc.{field}"), message));
+        for (field, value) in [
+            ("issuer", &self.issuer),
+            ("redirect_url", &self.redirect_url),
+        ] {
+            match url::Url::parse(value) {
+                Ok(url) if matches!(url.scheme(), "http" | "https") && url.has_host() => {}
+                _ => return fail(field, format!("`{value}` is not an http(s) URL")),
+            }
+        }
+        if self.client_id.trim().is_empty() {
+            return fail("client_id", "must not be empty".to_owned());
+        }
+        if self.groups_claim.trim().is_empty() {
+            return fail("groups_claim", "must not be empty".to_owned());
+        }
+        if !SESSION_TTL_RANGE.contains(&self.session_ttl_secs) {
+            return fail(
+                "session_ttl_secs",
+                format!(
+                    "must be between {} and {} seconds (30 days)",
+                    SESSION_TTL_RANGE.start(),
+                    SESSION_TTL_RANGE.end()
+                ),
+            );
+        }
+        for origin in &self.allowed_origins {
+            if normalise_origin(origin).is_none() {
+                return fail(
+                    "allowed_origins",
+                    format!("`{origin}` is not an origin; expected scheme://host[:port] such as \"https://console.example.com\""),
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `scheme://host[:port]` with the default port left out, for comparing
+/// origins; `None` unless `raw` is exactly an http(s) origin.
+pub fn normalise_origin(raw: &str) -> Option<String> {
+    let url = url::Url::parse(raw).ok()?;
+    let plain = matches!(url.scheme(), "http" | "https")
+        && url.has_host()
+        && url.path() == "/"
+        && url.query().is_none()
+        && url.fragment().is_none()
+        && url.username().is_empty()
+        && url.password().is_none();
+    plain.then(|| url.origin().ascii_serialization())
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -248,6 +368,7 @@ impl Default for Config {
             models: default_models(),
             budgets: Vec::new(),
             guardrails: Default::default(),
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -552,6 +673,9 @@ impl Config {
             self.validate_provider(name, provider)?;
         }
         self.guardrails.validate()?;
+        if let Some(oidc) = &self.auth.oidc {
+            oidc.validate()?;
+        }
         let mut budget_names = std::collections::HashSet::new();
         for (index, budget) in self.budgets.iter().enumerate() {
             budget.validate(&format!("budgets.{index}"))?;
@@ -706,6 +830,11 @@ impl Config {
                 provider.base_url = Some(mask_url_password(base_url));
             }
         }
+        if let Some(oidc) = masked.auth.oidc.as_mut() {
+            if oidc.client_secret.is_some() {
+                oidc.client_secret = Some(MASK.to_owned());
+            }
+        }
         toml::to_string_pretty(&masked).expect("configuration always serialises")
     }
 
@@ -729,6 +858,7 @@ impl Config {
         note("models", self.models != other.models);
         note("budgets", self.budgets != other.budgets);
         note("guardrails", self.guardrails != other.guardrails);
+        note("auth", self.auth != other.auth);
         changed
     }
 }

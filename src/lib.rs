@@ -21,6 +21,7 @@ pub mod server;
 pub mod store;
 pub mod store_watch;
 pub mod tail;
+pub mod ui;
 
 /// This build's version, reported by `/health` and `system.startup`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -105,6 +105,9 @@ enum KeysCommand {
             requires = "budget_usd"
         )]
         budget_period: String,
+        /// The user (OIDC subject) the key belongs to; they see its events in the console.
+        #[arg(long, value_name = "SUBJECT")]
+        owner: Option<String>,
     },
     /// List keys (never the keys themselves).
     List {
@@ -267,6 +270,7 @@ async fn keys_command(store: &Store, command: KeysCommand) -> Result<(), Failure
             expires_in,
             budget_usd,
             budget_period,
+            owner,
         } => {
             let name = tollgate::auth::validate_key_name(&name).map_err(anyhow::Error::msg)?;
             let expires_at = expires_in
@@ -283,6 +287,12 @@ async fn keys_command(store: &Store, command: KeysCommand) -> Result<(), Failure
                 admin,
                 expires_at,
                 budget,
+                owner: owner
+                    .as_deref()
+                    .map(tollgate::auth::validate_owner)
+                    .transpose()
+                    .map_err(anyhow::Error::msg)?
+                    .map(str::to_owned),
             };
             let (record, secret) = tollgate::auth::issue_key(store, spec).await?;
             store

@@ -60,6 +60,8 @@ pub struct AppStateInner {
     pub revocations: KeyRevocations,
     /// Keys checked in the last second.
     pub key_cache: KeyCache,
+    /// The OpenID provider of `[auth.oidc]`, discovered on first use.
+    pub oidc: crate::auth::oidc::Oidc,
     /// Model name → provider; rebuilt whole on reload.
     pub routing: ArcSwap<Routing>,
     /// Every provider's circuit breaker, kept across reloads.
@@ -107,6 +109,7 @@ impl AppState {
             shutdown: CancellationToken::new(),
             revocations: KeyRevocations::default(),
             key_cache: KeyCache::default(),
+            oidc: Default::default(),
             routing: ArcSwap::from_pointee(routing),
             breakers,
             guardrails: ArcSwap::from_pointee(guardrails),
@@ -139,12 +142,21 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(health::health))
         .route("/ready", get(health::ready))
         .route("/admin/v1/keys", get(admin::list_keys).post(admin::create_key))
-        .route("/admin/v1/keys/{id}", delete(admin::revoke_key))
+        .route(
+            "/admin/v1/keys/{id}",
+            delete(admin::revoke_key).patch(admin::update_key),
+        )
         .route("/admin/v1/config/reload", post(admin::reload_config))
         .route("/admin/v1/usage", get(admin::usage))
         .route("/admin/v1/audit", get(admin::audit))
         .route("/admin/v1/budgets", get(admin::budgets))
         .route("/admin/v1/providers", get(admin::providers))
+        .route("/auth/login", get(crate::auth::routes::login))
+        .route("/auth/callback", get(crate::auth::routes::callback))
+        .route("/auth/logout", post(crate::auth::routes::logout))
+        .route("/auth/me", get(crate::auth::routes::me))
+        .route("/ui", get(crate::ui::console))
+        .route("/ui/", get(crate::ui::console))
         .route("/ws/events", get(events::ws::ws_events))
         .route("/events/stream", get(events::sse::sse_events))
         .route("/metrics", get(metrics::render))

@@ -2,7 +2,8 @@
 //! through this process: keys revoked by the CLI or another node, keys that
 //! just expired (their streams must close), admin actions recorded by the
 //! CLI (published here as `audit.admin`), and budget spend of the current
-//! periods (other gateways' requests count too).
+//! periods (other gateways' requests count too). Once an hour it deletes
+//! sessions that ended or expired over a day ago.
 
 use std::time::Duration;
 
@@ -17,12 +18,16 @@ const PERIOD: Duration = Duration::from_secs(1);
 /// write that committed just before a check with an earlier timestamp is
 /// not missed. A repeated notice is harmless.
 const OVERLAP: chrono::Duration = chrono::Duration::seconds(2);
+/// How often dead sessions are deleted, and how long they are kept first.
+const SESSION_PURGE_EVERY: u32 = 3600;
+const SESSION_KEEP: chrono::Duration = chrono::Duration::days(1);
 
 /// Runs until the server shuts down.
 pub async fn run(state: AppState) {
     let mut last_check = Utc::now();
     let mut ticker = tokio::time::interval(PERIOD);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ticks = 0u32;
     loop {
         tokio::select! {
             _ = state.shutdown.cancelled() => return,
@@ -55,6 +60,14 @@ pub async fn run(state: AppState) {
             Err(error) => tracing::warn!(%error, "cannot read admin actions from the store"),
         }
         refresh_budget_book(&state).await;
+        if ticks.is_multiple_of(SESSION_PURGE_EVERY) {
+            match state.store.purge_sessions(now - SESSION_KEEP).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(sessions = n, "deleted ended and expired sessions"),
+                Err(error) => tracing::warn!(%error, "cannot delete old sessions"),
+            }
+        }
+        ticks = ticks.wrapping_add(1);
     }
 }
 

@@ -60,6 +60,7 @@ fn new_key(name: &str, admin: bool, generated: &GeneratedKey) -> NewApiKey {
         admin,
         expires_at: None,
         budget: None,
+        owner: None,
     }
 }
 

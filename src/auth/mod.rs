@@ -3,7 +3,10 @@
 
 pub mod cache;
 pub mod keys;
+pub mod oidc;
 pub mod revocation;
+pub mod routes;
+pub mod session;
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
@@ -25,6 +28,8 @@ pub enum Identity {
     /// No credential, where the configuration allows it.
     Anonymous,
     Key(KeyIdentity),
+    /// A browser signed in with OIDC, by its session cookie.
+    User(session::UserIdentity),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,7 +43,7 @@ impl Identity {
     pub fn key_id(&self) -> Option<Uuid> {
         match self {
             Identity::Key(key) => Some(key.id),
-            Identity::Anonymous => None,
+            Identity::Anonymous | Identity::User(_) => None,
         }
     }
 }
@@ -55,6 +60,10 @@ pub enum AuthError {
     Revoked,
     #[error("the API key has expired")]
     Expired,
+    #[error("the session is not known to this gateway or has ended; sign in again at /auth/login")]
+    SessionUnknown,
+    #[error("the session has expired; sign in again at /auth/login")]
+    SessionExpired,
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -67,6 +76,8 @@ impl From<AuthError> for ApiError {
             AuthError::Revoked => "revoked_api_key",
             AuthError::Expired => "expired_api_key",
             AuthError::Malformed | AuthError::Unknown => "invalid_api_key",
+            AuthError::SessionUnknown => "invalid_session",
+            AuthError::SessionExpired => "session_expired",
         };
         ApiError::unauthorized(code, error.to_string())
     }
@@ -173,6 +184,8 @@ pub struct KeySpec {
     pub expires_at: Option<chrono::DateTime<Utc>>,
     /// Micro-dollars per period.
     pub budget: Option<(i64, crate::budget::Period)>,
+    /// The user (OIDC subject) the key belongs to.
+    pub owner: Option<String>,
 }
 
 /// Creates and stores a new key without a budget; see [`issue_key`].
@@ -189,6 +202,7 @@ pub async fn issue_api_key(
             admin,
             expires_at,
             budget: None,
+            owner: None,
         },
     )
     .await
@@ -211,6 +225,7 @@ pub async fn issue_key(
             budget: spec
                 .budget
                 .map(|(micros, period)| (micros, period.as_str().to_owned())),
+            owner: spec.owner,
         })
         .await?;
     Ok((record, generated.secret))
@@ -239,6 +254,18 @@ pub fn validate_key_name(name: &str) -> Result<&str, String> {
         return Err("a key name is at most 100 characters".to_owned());
     }
     Ok(name)
+}
+
+/// Checks a key owner given by an operator: a user's OIDC subject.
+pub fn validate_owner(owner: &str) -> Result<&str, String> {
+    let owner = owner.trim();
+    if owner.is_empty() {
+        return Err("an owner is a user's OIDC subject and cannot be empty".to_owned());
+    }
+    if owner.len() > 255 {
+        return Err("an owner is at most 255 bytes (OIDC subjects are)".to_owned());
+    }
+    Ok(owner)
 }
 
 /// Parses a lifetime such as `30d`, `12h` or `90m` into an expiry time.

@@ -6,12 +6,13 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use axum::http::HeaderMap;
+use axum::http::{header, HeaderMap};
 use serde::Deserialize;
 
 use super::model::{EventType, Topic, TopicSet, TypeSet};
 use super::visibility::StreamFilter;
-use crate::auth::{self, AuthError, Identity, KeyIdentity};
+use crate::auth::{self, session, AuthError, Identity, KeyIdentity};
+use crate::config::normalise_origin;
 use crate::config::WebSocketConfig;
 use crate::error::ApiError;
 use crate::server::AppState;
@@ -169,7 +170,8 @@ pub async fn admit(
 }
 
 /// A presented credential must be valid whatever `require_auth` says; no
-/// credential is anonymous only where `require_auth = false`.
+/// credential is anonymous only where `require_auth = false`. An API key
+/// (`Authorization: Bearer` or `?token=`) wins over a session cookie.
 async fn authenticate(
     state: &AppState,
     headers: &HeaderMap,
@@ -180,14 +182,55 @@ async fn authenticate(
         Some(token) => Some(token?),
         None => query.token.as_deref(),
     };
-    match presented {
-        Some(token) => {
-            let record = state.key_cache.authenticate(&state.store, token).await?;
-            Ok(Identity::Key(KeyIdentity::from(&record)))
-        }
-        None if require_auth => Err(ApiError::from(AuthError::Missing)),
-        None => Ok(Identity::Anonymous),
+    if let Some(token) = presented {
+        let record = state.key_cache.authenticate(&state.store, token).await?;
+        return Ok(Identity::Key(KeyIdentity::from(&record)));
     }
+    if let Some(cookie) = session::cookie_value(headers, session::SESSION_COOKIE) {
+        check_origin(state, headers)?;
+        let record = session::authenticate_session(&state.store, cookie).await?;
+        let user = session::user_identity(&state.store, &record).await?;
+        return Ok(Identity::User(user));
+    }
+    if require_auth {
+        return Err(ApiError::from(AuthError::Missing));
+    }
+    Ok(Identity::Anonymous)
+}
+
+/// A browser sends its cookie with a WebSocket upgrade from any page, so a
+/// cookie-authenticated stream must come from the gateway's own pages or an
+/// origin in `allowed_origins` (cross-site WebSocket hijacking). Clients
+/// that send no `Origin` are not browsers and are not at risk.
+fn check_origin(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return Ok(());
+    };
+    let config = state.config.load();
+    let origin = origin.to_str().ok().and_then(normalise_origin);
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+    let allowed = origin.as_deref().is_some_and(|origin| {
+        let own = host.is_some_and(|host| {
+            ["http", "https"].iter().any(|scheme| {
+                normalise_origin(&format!("{scheme}://{host}")).as_deref() == Some(origin)
+            })
+        });
+        let oidc = config.auth.oidc.as_ref();
+        own || oidc.is_some_and(|oidc| {
+            normalise_origin(&oidc.redirect_url_origin()).as_deref() == Some(origin)
+                || oidc
+                    .allowed_origins
+                    .iter()
+                    .any(|allowed| normalise_origin(allowed).as_deref() == Some(origin))
+        })
+    });
+    if allowed {
+        return Ok(());
+    }
+    Err(ApiError::forbidden(
+        "origin_not_allowed",
+        "a stream signed in by session cookie must be opened from this gateway's own pages or an origin in [auth.oidc] allowed_origins",
+    ))
 }
 
 /// Parses a comma list of names; empty entries are ignored, an unknown

@@ -3,6 +3,7 @@
 //! ([`visibility`]), and the transports that deliver them.
 
 pub mod admission;
+pub mod credential;
 pub mod hub;
 pub mod model;
 pub mod session;

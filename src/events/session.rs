@@ -83,6 +83,12 @@ fn identity_json(identity: &Identity) -> Value {
             "name": key.name,
             "admin": key.admin,
         }),
+        Identity::User(user) => json!({
+            "kind": "user",
+            "subject": user.subject,
+            "name": user.name,
+            "admin": user.admin,
+        }),
     }
 }
 

@@ -16,8 +16,8 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::admission::{self, Admission, StreamQuery, Transport};
+use super::credential::CredentialWatch;
 use super::session::{self, Outgoing, StreamSession};
-use crate::auth::revocation;
 use crate::error::ApiError;
 use crate::server::AppState;
 
@@ -76,14 +76,13 @@ async fn run_stream(state: AppState, admission: Admission, tx: Sender) {
         slot,
         ..
     } = admission;
-    let own_key = filter.identity.key_id();
+    let mut credential = CredentialWatch::new(&state, &filter.identity);
     let (mut session, opening) = StreamSession::open(&state.hub, filter, since);
     for out in &opening {
         if !send(&tx, out).await {
             return;
         }
     }
-    let mut revocations = state.revocations.subscribe();
     loop {
         tokio::select! {
             biased;
@@ -96,12 +95,10 @@ async fn run_stream(state: AppState, admission: Admission, tx: Sender) {
                 break;
             }
             _ = tx.closed() => break,
-            revoked = revocations.recv(), if own_key.is_some() => {
-                let own_key = own_key.expect("guarded by the branch condition");
-                if revocation::ends_stream(revoked, own_key, &state.store).await {
-                    let _ = send(&tx, &session::error_frame("api_key_revoked", "the API key of this stream was revoked")).await;
-                    break;
-                }
+            ended = credential.ended() => {
+                let (reason, code) = ended.reason();
+                let _ = send(&tx, &session::error_frame(code, &format!("{reason}: this stream is closed"))).await;
+                break;
             }
             next = session.next() => {
                 let Ok(out) = next else { break };

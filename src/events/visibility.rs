@@ -10,14 +10,22 @@ use super::model::{Audience, TopicSet, TypeSet};
 ///
 /// - anonymous connections (only possible with `require_auth = false`) and
 ///   admin keys see everything;
-/// - other keys see ownerless events and the events of their own key.
+/// - other keys see ownerless events and the events of their own key;
+/// - signed-in users in an admin group see everything, other users see
+///   ownerless events and the events of the keys they own.
 pub fn may_see(identity: &Identity, audience: Audience) -> bool {
     match identity {
         Identity::Anonymous => true,
         Identity::Key(key) if key.admin => true,
+        Identity::User(user) if user.admin => true,
         Identity::Key(key) => match audience {
             Audience::Everyone => true,
             Audience::Key(owner) => owner == key.id,
+            Audience::Admins => false,
+        },
+        Identity::User(user) => match audience {
+            Audience::Everyone => true,
+            Audience::Key(id) => user.owned_keys.contains(id),
             Audience::Admins => false,
         },
     }
@@ -45,6 +53,7 @@ mod tests {
     use uuid::Uuid;
 
     use super::*;
+    use crate::auth::session::{OwnedKeys, UserIdentity};
     use crate::auth::KeyIdentity;
 
     fn key(admin: bool) -> (Uuid, Identity) {
@@ -66,10 +75,42 @@ mod tests {
         assert!(!may_see(&identity, Audience::Admins));
     }
 
+    fn user(admin: bool, owned: &[Uuid]) -> Identity {
+        Identity::User(UserIdentity {
+            subject: "alice".into(),
+            name: None,
+            admin,
+            session_hash: "h".into(),
+            owned_keys: OwnedKeys::new(owned.iter().copied()),
+        })
+    }
+
+    #[test]
+    fn a_user_sees_ownerless_events_and_those_of_keys_they_own() {
+        let (mine, other) = (Uuid::new_v4(), Uuid::new_v4());
+        let identity = user(false, &[mine]);
+        assert!(may_see(&identity, Audience::Everyone));
+        assert!(may_see(&identity, Audience::Key(mine)));
+        assert!(!may_see(&identity, Audience::Key(other)));
+        assert!(!may_see(&identity, Audience::Admins));
+    }
+
+    #[test]
+    fn a_users_owned_keys_can_change_while_connected() {
+        let later = Uuid::new_v4();
+        let identity = user(false, &[]);
+        assert!(!may_see(&identity, Audience::Key(later)));
+        let Identity::User(u) = &identity else {
+            unreachable!()
+        };
+        u.owned_keys.replace([later]);
+        assert!(may_see(&identity, Audience::Key(later)));
+    }
+
     #[test]
     fn admins_and_anonymous_connections_see_everything() {
         let (_, admin) = key(true);
-        for identity in [admin, Identity::Anonymous] {
+        for identity in [admin, user(true, &[]), Identity::Anonymous] {
             for audience in [
                 Audience::Everyone,
                 Audience::Key(Uuid::new_v4()),

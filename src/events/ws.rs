@@ -21,9 +21,9 @@ use serde_json::{json, Value};
 use tokio::time::Instant;
 
 use super::admission::{self, Admission, StreamQuery, Transport};
+use super::credential::CredentialWatch;
 use super::model::Topic;
 use super::session::{self, Outgoing, StreamSession};
-use crate::auth::revocation;
 use crate::error::ApiError;
 use crate::server::AppState;
 
@@ -139,8 +139,7 @@ impl Connection<'_> {
         let mut pong_deadline = Instant::now() + self.pong_timeout;
         let mut ping =
             tokio::time::interval_at(Instant::now() + self.ping_interval, self.ping_interval);
-        let mut revocations = self.state.revocations.subscribe();
-        let own_key = self.session.filter.identity.key_id();
+        let mut credential = CredentialWatch::new(self.state, &self.session.filter.identity);
         let shutdown = self.state.shutdown.clone();
         // One timer for the whole connection, moved on each Pong, rather
         // than a new one registered on every pass through the loop.
@@ -165,12 +164,9 @@ impl Connection<'_> {
                 _ = &mut pong_timer => {
                     return End::PongTimeout;
                 }
-                revoked = revocations.recv(), if own_key.is_some() => {
-                    let own_key = own_key.expect("guarded by the branch condition");
-                    if revocation::ends_stream(revoked, own_key, &self.state.store).await {
-                        self.close(close_code::POLICY_VIOLATION, "API key revoked").await;
-                        return End::Revoked;
-                    }
+                ended = credential.ended() => {
+                    self.close(close_code::POLICY_VIOLATION, ended.reason().0).await;
+                    return End::Revoked;
                 }
                 _ = ping.tick() => {
                     if timed_send(&mut self.sink, Message::Ping(Default::default()), pong_deadline).await.is_err() {

@@ -27,6 +27,8 @@ pub struct ApiKeyRecord {
     pub budget_micros: Option<i64>,
     /// `daily`, `weekly`, `monthly` or `total`, with `budget_micros`.
     pub budget_period: Option<String>,
+    /// The user (OIDC subject) the key belongs to, who sees its events.
+    pub owner: Option<String>,
 }
 
 impl ApiKeyRecord {
@@ -49,10 +51,12 @@ pub struct NewApiKey {
     pub expires_at: Option<DateTime<Utc>>,
     /// The key's own budget: micro-dollars and period.
     pub budget: Option<(i64, String)>,
+    /// The user (OIDC subject) the key belongs to.
+    pub owner: Option<String>,
 }
 
 const COLUMNS: &str = "id, name, prefix, key_hash, is_admin, created_at, expires_at, revoked_at, \
-     last_used_at, budget_micros, budget_period";
+     last_used_at, budget_micros, budget_period, owner";
 
 fn record(row: &AnyRow) -> Result<ApiKeyRecord, sqlx::Error> {
     let id: String = row.try_get("id")?;
@@ -74,7 +78,13 @@ fn record(row: &AnyRow) -> Result<ApiKeyRecord, sqlx::Error> {
             .map(from_millis),
         budget_micros: row.try_get("budget_micros")?,
         budget_period: row.try_get("budget_period")?,
+        owner: row.try_get("owner")?,
     })
+}
+
+fn key_id(row: &AnyRow) -> Result<Uuid, StoreError> {
+    let id: String = row.try_get("id")?;
+    Uuid::parse_str(&id).map_err(|e| StoreError::Database(sqlx::Error::Decode(Box::new(e))))
 }
 
 impl Store {
@@ -92,10 +102,11 @@ impl Store {
             last_used_at: None,
             budget_micros: key.budget.as_ref().map(|b| b.0),
             budget_period: key.budget.map(|b| b.1),
+            owner: key.owner,
         };
         sqlx::query(
             "INSERT INTO api_keys (id, name, prefix, key_hash, is_admin, created_at, expires_at, \
-             budget_micros, budget_period) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+             budget_micros, budget_period, owner) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
         )
         .bind(record.id.to_string())
         .bind(&record.name)
@@ -106,6 +117,7 @@ impl Store {
         .bind(record.expires_at.map(to_millis))
         .bind(record.budget_micros)
         .bind(record.budget_period.clone())
+        .bind(record.owner.clone())
         .execute(&self.pool)
         .await?;
         Ok(record)
@@ -196,9 +208,39 @@ impl Store {
             .bind(id.to_string())
             .execute(&self.pool)
             .await?;
+        self.existing_api_key(id).await
+    }
+
+    /// The key `id` as it now is, or `NotFound`.
+    async fn existing_api_key(&self, id: Uuid) -> Result<ApiKeyRecord, StoreError> {
         self.find_api_key(id)
             .await?
             .ok_or_else(|| StoreError::NotFound(format!("no API key with id {id}")))
+    }
+
+    /// Gives a key to a user (the OIDC subject), or takes it back with
+    /// `None`. Returns the key as it now is.
+    pub async fn set_api_key_owner(
+        &self,
+        id: Uuid,
+        owner: Option<&str>,
+    ) -> Result<ApiKeyRecord, StoreError> {
+        sqlx::query("UPDATE api_keys SET owner = $1 WHERE id = $2")
+            .bind(owner.map(str::to_owned))
+            .bind(id.to_string())
+            .execute(&self.pool)
+            .await?;
+        self.existing_api_key(id).await
+    }
+
+    /// Ids of the keys a user owns, revoked ones included (their past
+    /// events are still theirs).
+    pub async fn key_ids_owned_by(&self, owner: &str) -> Result<Vec<Uuid>, StoreError> {
+        let rows = sqlx::query("SELECT id FROM api_keys WHERE owner = $1")
+            .bind(owner.to_owned())
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(key_id).collect()
     }
 
     pub async fn touch_api_key(&self, id: Uuid, at: DateTime<Utc>) -> Result<(), StoreError> {
@@ -224,12 +266,6 @@ impl Store {
         .bind(to_millis(until))
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|row| {
-                let id: String = row.try_get("id")?;
-                Uuid::parse_str(&id)
-                    .map_err(|e| StoreError::Database(sqlx::Error::Decode(Box::new(e))))
-            })
-            .collect()
+        rows.iter().map(key_id).collect()
     }
 }

@@ -10,6 +10,7 @@
 mod audit;
 mod budgets;
 mod keys;
+mod sessions;
 mod usage;
 
 use std::path::Path;
@@ -22,6 +23,7 @@ use sqlx::{AnyPool, ConnectOptions, Executor};
 pub use audit::{AdminActionRecord, AuditQuery, AuditRecord, NewAuditRecord};
 pub use budgets::BudgetSpend;
 pub use keys::{ApiKeyRecord, NewApiKey};
+pub use sessions::SessionRecord;
 pub use usage::{LedgerRow, SpendIncrement, UsageGroup, UsageGrouping, UsageQuery};
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
