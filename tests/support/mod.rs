@@ -251,6 +251,22 @@ impl TestServer {
         self.key_record(secret).await.id
     }
 
+    /// `GET path` with the bootstrap admin key; the JSON answer.
+    pub async fn admin_get(&self, path: &str) -> Value {
+        let response = reqwest::Client::new()
+            .get(self.url(path))
+            .bearer_auth(&self.admin_key)
+            .send()
+            .await
+            .expect("the admin API answers");
+        assert!(
+            response.status().is_success(),
+            "GET {path}: {}",
+            response.status()
+        );
+        response.json().await.expect("a JSON answer")
+    }
+
     /// `POST /v1/chat/completions` with `key` for `model` and one user
     /// message, `content`.
     pub async fn chat(&self, key: &str, model: &str, content: &str) -> reqwest::Response {

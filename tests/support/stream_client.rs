@@ -44,16 +44,31 @@ impl WsClient {
         query: &str,
         bearer: Option<&str>,
     ) -> Result<WsClient, Refused> {
+        let authorization = bearer.map(|token| format!("Bearer {token}"));
+        let headers: Vec<(&str, &str)> = authorization
+            .iter()
+            .map(|value| ("authorization", value.as_str()))
+            .collect();
+        WsClient::connect_with(addr, query, &headers).await
+    }
+
+    /// Connects to `ws://ADDR/ws/events?QUERY` with extra request headers
+    /// (`cookie`, `origin`, …).
+    pub async fn connect_with(
+        addr: std::net::SocketAddr,
+        query: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<WsClient, Refused> {
         let url = if query.is_empty() {
             format!("ws://{addr}/ws/events")
         } else {
             format!("ws://{addr}/ws/events?{query}")
         };
         let mut request = url.into_client_request().expect("a valid request");
-        if let Some(token) = bearer {
+        for (name, value) in headers {
             request.headers_mut().insert(
-                "authorization",
-                HeaderValue::from_str(&format!("Bearer {token}")).unwrap(),
+                tungstenite::http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value).unwrap(),
             );
         }
         match tokio::time::timeout(FRAME_DEADLINE, tokio_tungstenite::connect_async(request)).await
