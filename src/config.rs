@@ -1120,6 +1120,61 @@ mod tests {
         assert!(shown.contains("postgres://app:********@db/x"), "{shown}");
     }
 
+    const OIDC: &str = "[auth.oidc]\nissuer = \"https://login.example.com\"\nclient_id = \"tollgate\"\nclient_secret = \"oidc-secret\"\nredirect_url = \"https://gw.example.com/auth/callback\"\n";
+
+    #[test]
+    fn oidc_has_defaults_and_its_secret_is_masked() {
+        let config = parse_text(OIDC).unwrap();
+        let oidc = config.auth.oidc.as_ref().expect("[auth.oidc] is read");
+        assert_eq!(oidc.scopes, ["openid", "profile", "email"]);
+        assert_eq!(oidc.groups_claim, "groups");
+        assert_eq!(oidc.session_ttl_secs, 8 * 3600);
+        assert!(oidc.admin_groups.is_empty() && oidc.allowed_origins.is_empty());
+        assert_eq!(oidc.redirect_url_origin(), "https://gw.example.com");
+        let shown = config.to_masked_toml();
+        assert!(!shown.contains("oidc-secret"), "{shown}");
+        assert!(shown.contains("client_secret = \"********\""), "{shown}");
+        assert!(parse_text("").unwrap().auth.oidc.is_none());
+    }
+
+    #[test]
+    fn bad_oidc_settings_name_their_key() {
+        for (extra, key) in [
+            ("session_ttl_secs = 5\n", "auth.oidc.session_ttl_secs"),
+            (
+                "allowed_origins = [\"https://a.example/path\"]\n",
+                "auth.oidc.allowed_origins",
+            ),
+            (
+                "allowed_origins = [\"console.example\"]\n",
+                "auth.oidc.allowed_origins",
+            ),
+            ("groups_claim = \" \"\n", "auth.oidc.groups_claim"),
+        ] {
+            let err = validation_error(&format!("{OIDC}{extra}"));
+            assert_eq!(err.key.as_deref(), Some(key), "{extra}");
+        }
+        let err = validation_error(&OIDC.replace("https://login.example.com", "login.example.com"));
+        assert_eq!(err.key.as_deref(), Some("auth.oidc.issuer"));
+        let err = parse_text(&format!("{OIDC}admin_group = [\"ops\"]\n")).unwrap_err();
+        assert!(err.to_string().contains("admin_group"), "{err}");
+    }
+
+    #[test]
+    fn origins_compare_by_scheme_host_and_effective_port() {
+        assert_eq!(
+            normalise_origin("https://a.example:443").as_deref(),
+            Some("https://a.example")
+        );
+        assert_eq!(
+            normalise_origin("http://A.example:8080/").as_deref(),
+            Some("http://a.example:8080")
+        );
+        assert_eq!(normalise_origin("null"), None);
+        assert_eq!(normalise_origin("https://a.example/x"), None);
+        assert_eq!(normalise_origin("ftp://a.example"), None);
+    }
+
     #[test]
     fn prices_convert_exactly_to_micro_dollars() {
         assert_eq!(usd_to_micros(0.15), Some(150_000));

@@ -425,3 +425,99 @@ async fn a_key_revoked_by_another_process_is_refused_within_the_cache_lifetime()
     );
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_key_gets_an_owner_at_creation_or_later_and_can_lose_it() {
+    let server = TestServer::start(|_| {}).await;
+    let created = create_key(&server, json!({"name": "owned", "owner": "alice"})).await;
+    assert_eq!(created["owner"], "alice");
+    let id = created["id"].as_str().unwrap().to_owned();
+    let path = format!("{KEYS}/{id}");
+    let admin = Some(server.admin_key.as_str());
+
+    let moved = call(
+        &server,
+        Method::PATCH,
+        &path,
+        admin,
+        Some(json!({"owner": "bob"})),
+    )
+    .await;
+    assert_eq!(moved.status(), StatusCode::OK);
+    assert_eq!(moved.json::<Value>().await.unwrap()["owner"], "bob");
+    let listed = list_keys(&server, &server.admin_key).await;
+    let row = listed.iter().find(|k| k["id"] == id.as_str()).unwrap();
+    assert_eq!(row["owner"], "bob");
+
+    let cleared = call(
+        &server,
+        Method::PATCH,
+        &path,
+        admin,
+        Some(json!({"owner": null})),
+    )
+    .await;
+    assert_eq!(cleared.json::<Value>().await.unwrap()["owner"], Value::Null);
+    let audit = server.admin_get("/admin/v1/audit?type=audit.admin").await;
+    let changes = audit["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| {
+            r["payload"]["action"] == "key.owner_changed" && r["payload"]["target"] == id.as_str()
+        })
+        .count();
+    assert_eq!(changes, 2, "each change is audited: {audit}");
+
+    // Refusals: no `owner` at all, an empty one, unknown fields, another id.
+    for body in [
+        json!({}),
+        json!({"owner": " "}),
+        json!({"owner": "a", "admin": true}),
+    ] {
+        let response = call(&server, Method::PATCH, &path, admin, Some(body.clone())).await;
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{body}");
+    }
+    let response = create_key_response(&server, json!({"name": "x", "owner": ""})).await;
+    assert_error(response, BAD_REQUEST, "invalid_owner").await;
+    let unknown = format!("{KEYS}/{}", uuid::Uuid::new_v4());
+    let response = call(
+        &server,
+        Method::PATCH,
+        &unknown,
+        admin,
+        Some(json!({"owner": "a"})),
+    )
+    .await;
+    assert_error(response, NOT_FOUND, "key_not_found").await;
+    let response = call(
+        &server,
+        Method::PATCH,
+        &format!("{KEYS}/nope"),
+        admin,
+        Some(json!({"owner": "a"})),
+    )
+    .await;
+    assert_error(response, BAD_REQUEST, "invalid_key_id").await;
+    let user = server.create_key("plain", false).await;
+    let response = call(
+        &server,
+        Method::PATCH,
+        &path,
+        Some(&user),
+        Some(json!({"owner": "a"})),
+    )
+    .await;
+    assert_error(response, FORBIDDEN, "admin_required").await;
+}
+
+async fn create_key_response(server: &TestServer, request: Value) -> reqwest::Response {
+    call(
+        server,
+        Method::POST,
+        KEYS,
+        Some(&server.admin_key),
+        Some(request),
+    )
+    .await
+}

@@ -7,7 +7,7 @@ mod support;
 use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, Duration, Utc};
-use serde_json::Value;
+use serde_json::{json, Value};
 use support::{free_port, TollgateProcess, Workspace};
 use tollgate::auth::{authenticate_key, AuthError};
 use tollgate::store::Store;
@@ -458,4 +458,31 @@ async fn keys_create_with_a_budget_stores_it_and_refuses_a_bad_one() {
     }
     let (listed, _) = list_json(&workspace, &config).await;
     assert_eq!(listed.len(), 2, "a refused key is not created");
+}
+
+#[tokio::test]
+async fn keys_create_owner_gives_the_key_to_a_user() {
+    let (workspace, config) = workspace();
+    create_key(
+        &workspace,
+        &config,
+        &["--name", "alices", "--owner", "alice"],
+    )
+    .await;
+    create_key(&workspace, &config, &["--name", "nobodys"]).await;
+    let (listed, _) = list_json(&workspace, &config).await;
+    let owners: Vec<(&str, &Value)> = listed
+        .iter()
+        .map(|k| (k["name"].as_str().unwrap(), &k["owner"]))
+        .collect();
+    assert!(owners.contains(&("alices", &json!("alice"))), "{owners:?}");
+    assert!(owners.contains(&("nobodys", &Value::Null)), "{owners:?}");
+    let run = keys(
+        &workspace,
+        &config,
+        &["create", "--name", "x", "--owner", " "],
+    )
+    .await;
+    assert_eq!(run.code, Some(1), "{}", run.stderr);
+    assert!(run.stderr.contains("owner"), "{}", run.stderr);
 }
