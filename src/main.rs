@@ -321,8 +321,8 @@ async fn keys_command(store: &Store, command: KeysCommand) -> Result<(), Failure
                 );
             } else {
                 println!(
-                    "{:<36}  {:<14}  {:<5}  {:<8}  {:<20}  NAME",
-                    "ID", "PREFIX", "ADMIN", "STATE", "CREATED"
+                    "{:<36}  {:<14}  {:<5}  {:<8}  {:<20}  {:<16}  NAME",
+                    "ID", "PREFIX", "ADMIN", "STATE", "CREATED", "OWNER"
                 );
                 let now = chrono::Utc::now();
                 for key in keys {
@@ -334,12 +334,13 @@ async fn keys_command(store: &Store, command: KeysCommand) -> Result<(), Failure
                         "active"
                     };
                     println!(
-                        "{:<36}  {:<14}  {:<5}  {:<8}  {:<20}  {}",
+                        "{:<36}  {:<14}  {:<5}  {:<8}  {:<20}  {:<16}  {}",
                         key.id,
                         key.prefix,
                         if key.admin { "yes" } else { "no" },
                         state,
                         key.created_at.format("%Y-%m-%d %H:%M:%S"),
+                        key.owner.as_deref().unwrap_or("-"),
                         key.name
                     );
                 }
