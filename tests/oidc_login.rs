@@ -647,3 +647,19 @@ async fn the_full_login_works_against_a_real_openid_provider() {
         assert_eq!(connected["payload"]["identity"]["subject"], subject);
     }
 }
+
+#[tokio::test]
+async fn an_unreachable_provider_is_a_clear_502_and_the_gateway_keeps_serving() {
+    let issuer = format!("http://127.0.0.1:{}", support::free_port());
+    let server = gateway(&issuer, |_| {}).await;
+    let response = Browser::new().get(&server.url("/auth/login")).await;
+    let status = response.status().as_u16();
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(body["error"]["code"], "oidc_provider_unreachable");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains(&issuer), "{message}");
+    assert!(!message.contains(CLIENT_SECRET));
+    // API keys still work.
+    WsClient::open(server.addr, "", Some(&server.admin_key)).await;
+}

@@ -8,7 +8,7 @@ mod support;
 use chrono::{DateTime, Duration, Utc};
 use support::{wait_until, TestDb, DEADLINE};
 use tollgate::auth::keys::{self, GeneratedKey};
-use tollgate::store::{ApiKeyRecord, Backend, NewApiKey, Store, StoreError};
+use tollgate::store::{ApiKeyRecord, Backend, NewApiKey, SessionRecord, Store, StoreError};
 use uuid::Uuid;
 
 macro_rules! on_both_backends {
@@ -39,6 +39,8 @@ macro_rules! on_both_backends {
 }
 
 on_both_backends!(
+    sessions_round_trip_end_once_and_are_purged,
+    keys_have_owners_and_are_found_by_them,
     the_store_uses_the_backend_its_url_names,
     keys_are_found_by_hash_and_listed_oldest_first,
     a_key_hash_is_stored_only_once,
@@ -368,4 +370,98 @@ async fn an_empty_or_very_short_needle_names_no_key(db: &TestDb) {
             other => panic!("needle {needle:?}: expected NotFound, got {other:?}"),
         }
     }
+}
+
+async fn sessions_round_trip_end_once_and_are_purged(db: &TestDb) {
+    let store = db.store().await;
+    // The store keeps milliseconds.
+    let now = DateTime::from_timestamp_millis(Utc::now().timestamp_millis()).unwrap();
+    let session = SessionRecord {
+        id_hash: keys::hash("session-id"),
+        subject: "alice".into(),
+        name: Some("Alice".into()),
+        email: None,
+        admin: true,
+        groups: vec!["ops".into(), "dev".into()],
+        created_at: now,
+        expires_at: now + Duration::hours(1),
+        ended_at: None,
+    };
+    store.insert_session(&session).await.unwrap();
+    assert_eq!(
+        store.find_session(&session.id_hash).await.unwrap(),
+        Some(session.clone())
+    );
+    assert_eq!(store.find_session("other").await.unwrap(), None);
+    assert!(
+        store.insert_session(&session).await.is_err(),
+        "ids are unique"
+    );
+
+    let ended_at = now + Duration::minutes(5);
+    store.end_session(&session.id_hash, ended_at).await.unwrap();
+    store
+        .end_session(&session.id_hash, ended_at + Duration::minutes(1))
+        .await
+        .unwrap();
+    let ended = store.find_session(&session.id_hash).await.unwrap().unwrap();
+    assert_eq!(ended.ended_at, Some(ended_at), "the first end is kept");
+
+    let live = SessionRecord {
+        id_hash: keys::hash("live"),
+        ended_at: None,
+        ..session.clone()
+    };
+    store.insert_session(&live).await.unwrap();
+    assert_eq!(
+        store.purge_sessions(now).await.unwrap(),
+        0,
+        "nothing ended before `now`"
+    );
+    assert_eq!(
+        store
+            .purge_sessions(now + Duration::minutes(10))
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(store.find_session(&session.id_hash).await.unwrap(), None);
+    assert!(store.find_session(&live.id_hash).await.unwrap().is_some());
+}
+
+async fn keys_have_owners_and_are_found_by_them(db: &TestDb) {
+    let store = db.store().await;
+    let generated = keys::generate();
+    let owned = store
+        .insert_api_key(NewApiKey {
+            owner: Some("alice".into()),
+            ..new_key("owned", false, &generated)
+        })
+        .await
+        .unwrap();
+    assert_eq!(owned.owner.as_deref(), Some("alice"));
+    let other = insert_with_prefix(&store, "gw_live_other").await;
+    assert_eq!(
+        store.key_ids_owned_by("alice").await.unwrap(),
+        vec![owned.id]
+    );
+    let moved = store
+        .set_api_key_owner(other.id, Some("alice"))
+        .await
+        .unwrap();
+    assert_eq!(moved.owner.as_deref(), Some("alice"));
+    let mut ids = store.key_ids_owned_by("alice").await.unwrap();
+    ids.sort();
+    let mut expected = vec![owned.id, other.id];
+    expected.sort();
+    assert_eq!(ids, expected);
+    store.set_api_key_owner(owned.id, None).await.unwrap();
+    assert_eq!(
+        store.key_ids_owned_by("alice").await.unwrap(),
+        vec![other.id]
+    );
+    assert!(matches!(
+        store.set_api_key_owner(Uuid::new_v4(), Some("x")).await,
+        Err(StoreError::NotFound(_))
+    ));
 }

@@ -110,9 +110,10 @@ ws.onclose = () => {
 console.log("Connection closed, reconnecting...");
 // Implement reconnection logic
 };`);
-    const until = async (type) => {
+    // Waits until the pasted client has logged `count` events of `type`.
+    const until = async (type, count = 1) => {
       const deadline = Date.now() + 15_000;
-      while (!seedLogs.some((l) => l.startsWith(`Event: ${type}`))) {
+      while (seedLogs.filter((l) => l.startsWith(`Event: ${type} `)).length < count) {
         if (Date.now() > deadline) fail(`the pasted client logged no ${type}: ${JSON.stringify(seedLogs)}`);
         await new Promise((r) => setTimeout(r, 50));
       }
@@ -125,6 +126,31 @@ console.log("Connection closed, reconnecting...");
     });
     if (!again.ok) fail(`second chat request: HTTP ${again.status}`);
     await until('usage.recorded');
+
+    step('pause, miss a request, resume by id');
+    await page.click('#pause');
+    await page.locator('#conn-state[data-state="paused"]').waitFor();
+    const audits = () => page.locator('li.event-row[data-type="audit.request"]').count();
+    const before = await audits();
+    const whilePaused = await fetch(`${gateway}/v1/chat/completions`, {
+      method: 'POST',
+      headers: { Authorization: `Bearer ${API_KEY}`, 'Content-Type': 'application/json' },
+      body: JSON.stringify({ model: 'mock-1', messages: [{ role: 'user', content: 'while paused' }] }),
+    });
+    const pausedId = whilePaused.headers.get('x-request-id');
+    await until('usage.recorded', 2); // published by now: the pasted client saw it
+    if ((await audits()) !== before) fail('an event arrived while paused');
+    await page.click('#pause');
+    await page.locator('#conn-state[data-state="live"]').waitFor();
+    await page.locator('.notice[data-kind="resumed"]').first().waitFor();
+    // The replayed event is rendered (rows are added in batches), once.
+    await page.waitForFunction(
+      (n) => document.querySelectorAll('li.event-row[data-type="audit.request"]').length >= n,
+      before + 1,
+    );
+    await page.locator('li.event-row[data-type="audit.request"]').first().click();
+    await page.locator('#detail', { hasText: pausedId }).waitFor();
+    if ((await audits()) !== before + 1) fail(`after resuming: ${await audits()} audit rows, expected ${before + 1}`);
 
     step('phone-size viewport');
     await page.setViewportSize({ width: 375, height: 740 });
