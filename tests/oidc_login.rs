@@ -513,10 +513,12 @@ async fn an_expired_session_closes_its_stream_and_is_reported() {
         .unwrap();
     assert_eq!(ws.next_json().await["type"], "connected");
 
-    // Expire it in the store, as time would.
+    // Expire it in the store, as time would: a second ago (not long ago,
+    // or the store watcher's purge of day-old sessions may delete it).
     let url = server.state.config.load().database.url.clone();
     let mut db = sqlx::SqliteConnection::connect(&url).await.unwrap();
-    sqlx::query("UPDATE sessions SET expires_at = 1")
+    sqlx::query("UPDATE sessions SET expires_at = $1")
+        .bind(chrono::Utc::now().timestamp_millis() - 1000)
         .execute(&mut db)
         .await
         .unwrap();

@@ -5,9 +5,10 @@
 //! long before the network does), pings every `ping_interval_secs`, and
 //! cuts off a client whose last Pong is older than `pong_timeout_secs`. It
 //! answers `subscribe` / `unsubscribe` / `ping` messages, and closes with
-//! 1001 after `system.shutdown`, 1008 when its key is revoked, and 1009 for
-//! a client message over 64 KiB.
+//! 1001 after `system.shutdown`, 1008 when its key is revoked or its session
+//! ends, and 1009 for a client message over 64 KiB.
 
+use std::pin::Pin;
 use std::time::Duration;
 
 use axum::extract::rejection::QueryRejection;
@@ -15,10 +16,9 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgr
 use axum::extract::{Query, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
-use futures::stream::{SplitSink, SplitStream};
-use futures::{SinkExt, StreamExt};
+use futures::SinkExt;
 use serde_json::{json, Value};
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 use super::admission::{self, Admission, StreamQuery, Transport};
 use super::credential::CredentialWatch;
@@ -77,8 +77,6 @@ pub async fn ws_events(
         .on_upgrade(move |socket| tracker.track_future(run_connection(state, admission, socket)))
 }
 
-type Sink = SplitSink<WebSocket, Message>;
-
 /// How a connection ended, for logs and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum End {
@@ -101,21 +99,21 @@ async fn run_connection(state: AppState, admission: Admission, socket: WebSocket
     let (session, opening) = StreamSession::open(&state.hub, filter, since);
     let connection_id = session.connection_id;
     tracing::debug!(%connection_id, key_id = ?key_id, "event stream opened (websocket)");
-    let (mut sink, stream) = socket.split();
     let pong_timeout = Duration::from_secs(settings.pong_timeout_secs);
-    let end = match write_batch(&mut sink, opening, Instant::now() + pong_timeout).await {
-        Ok(()) => {
-            Connection {
-                state: &state,
-                session,
-                sink,
-                stream,
-                ping_interval: Duration::from_secs(settings.ping_interval_secs),
-                pong_timeout,
-            }
-            .run()
-            .await
-        }
+    let mut connection = Connection {
+        state: &state,
+        session,
+        socket,
+        delivered: metrics::counter!("tollgate_stream_frames_delivered_total", "transport" => "websocket"),
+        ping_interval: Duration::from_secs(settings.ping_interval_secs),
+        pong_timeout,
+    };
+    // One timer for the whole connection: the pong deadline, moved on each
+    // Pong. Writes race it too, rather than each registering a timer.
+    let deadline = tokio::time::sleep(pong_timeout);
+    tokio::pin!(deadline);
+    let end = match connection.write_batch(opening, deadline.as_mut()).await {
+        Ok(()) => connection.run(deadline).await,
         Err(_) => End::ClientClosed,
     };
     if end == End::PongTimeout {
@@ -128,23 +126,21 @@ async fn run_connection(state: AppState, admission: Admission, socket: WebSocket
 struct Connection<'a> {
     state: &'a AppState,
     session: StreamSession,
-    sink: Sink,
-    stream: SplitStream<WebSocket>,
+    /// Not split: reads and writes never overlap (a `select!` branch's
+    /// handler runs after the other branches' futures are dropped), and a
+    /// split socket pays a lock on every read and write.
+    socket: WebSocket,
+    delivered: metrics::Counter,
     ping_interval: Duration,
     pong_timeout: Duration,
 }
 
 impl Connection<'_> {
-    async fn run(mut self) -> End {
-        let mut pong_deadline = Instant::now() + self.pong_timeout;
+    async fn run(mut self, mut deadline: Pin<&mut Sleep>) -> End {
         let mut ping =
             tokio::time::interval_at(Instant::now() + self.ping_interval, self.ping_interval);
         let mut credential = CredentialWatch::new(self.state, &self.session.filter.identity);
         let shutdown = self.state.shutdown.clone();
-        // One timer for the whole connection, moved on each Pong, rather
-        // than a new one registered on every pass through the loop.
-        let pong_timer = tokio::time::sleep_until(pong_deadline);
-        tokio::pin!(pong_timer);
         loop {
             tokio::select! {
                 biased;
@@ -155,13 +151,14 @@ impl Connection<'_> {
                     while let Ok(Some(out)) = self.session.try_next() {
                         queued.push(out);
                     }
-                    let deadline = Instant::now() + CLOSE_GRACE;
-                    if write_batch(&mut self.sink, queued, deadline).await.is_ok() {
+                    let grace = tokio::time::sleep(CLOSE_GRACE);
+                    tokio::pin!(grace);
+                    if self.write_batch(queued, grace).await.is_ok() {
                         self.close(close_code::GOING_AWAY, "server shutting down").await;
                     }
                     return End::Shutdown;
                 }
-                _ = &mut pong_timer => {
+                _ = deadline.as_mut() => {
                     return End::PongTimeout;
                 }
                 ended = credential.ended() => {
@@ -169,15 +166,15 @@ impl Connection<'_> {
                     return End::Revoked;
                 }
                 _ = ping.tick() => {
-                    if timed_send(&mut self.sink, Message::Ping(Default::default()), pong_deadline).await.is_err() {
+                    let ping = Message::Ping(Default::default());
+                    if self.write(vec![ping], deadline.as_mut()).await.is_err() {
                         return End::ClientClosed;
                     }
                 }
-                message = self.stream.next() => {
+                message = self.socket.recv() => {
                     match message {
                         Some(Ok(Message::Pong(_))) => {
-                            pong_deadline = Instant::now() + self.pong_timeout;
-                            pong_timer.as_mut().reset(pong_deadline);
+                            deadline.as_mut().reset(Instant::now() + self.pong_timeout);
                         }
                         Some(Ok(Message::Text(text))) => {
                             if text.len() > MAX_CLIENT_MESSAGE {
@@ -185,7 +182,7 @@ impl Connection<'_> {
                                 return End::TooBig;
                             }
                             let reply = self.client_message(&text);
-                            if write_batch(&mut self.sink, vec![reply], pong_deadline).await.is_err() {
+                            if self.write_batch(vec![reply], deadline.as_mut()).await.is_err() {
                                 return End::ClientClosed;
                             }
                         }
@@ -195,7 +192,7 @@ impl Connection<'_> {
                                 return End::TooBig;
                             }
                             let reply = session::error_frame("binary_not_supported", "send JSON text frames");
-                            if write_batch(&mut self.sink, vec![reply], pong_deadline).await.is_err() {
+                            if self.write_batch(vec![reply], deadline.as_mut()).await.is_err() {
                                 return End::ClientClosed;
                             }
                         }
@@ -222,13 +219,53 @@ impl Connection<'_> {
                     }
                     // A client that cannot take the batch before its pong
                     // deadline is as gone as one that stopped answering.
-                    match write_batch(&mut self.sink, batch, pong_deadline).await {
+                    match self.write_batch(batch, deadline.as_mut()).await {
                         Ok(()) => {}
                         Err(WriteError::TimedOut) => return End::PongTimeout,
                         Err(WriteError::Closed) => return End::ClientClosed,
                     }
                 }
             }
+        }
+    }
+
+    /// Writes frames (events and control messages), then flushes once,
+    /// before `deadline`; counts the events delivered.
+    async fn write_batch(
+        &mut self,
+        frames: Vec<Outgoing>,
+        deadline: Pin<&mut Sleep>,
+    ) -> Result<(), WriteError> {
+        let events = frames
+            .iter()
+            .filter(|f| matches!(f, Outgoing::Event(_)))
+            .count();
+        let messages = frames
+            .into_iter()
+            .map(|frame| Message::Text(frame.json().clone()))
+            .collect();
+        self.write(messages, deadline).await?;
+        self.delivered.increment(events as u64);
+        Ok(())
+    }
+
+    /// Feeds every message, then flushes once, all before `deadline`.
+    async fn write(
+        &mut self,
+        messages: Vec<Message>,
+        deadline: Pin<&mut Sleep>,
+    ) -> Result<(), WriteError> {
+        let socket = &mut self.socket;
+        let write = async {
+            for message in messages {
+                socket.feed(message).await?;
+            }
+            socket.flush().await
+        };
+        tokio::select! {
+            biased;
+            written = write => written.map_err(|_| WriteError::Closed),
+            _ = deadline => Err(WriteError::TimedOut),
         }
     }
 
@@ -284,10 +321,12 @@ impl Connection<'_> {
             code,
             reason: Utf8Bytes::from_static(reason),
         }));
-        let deadline = Instant::now() + CLOSE_GRACE;
-        if timed_send(&mut self.sink, frame, deadline).await.is_ok() {
-            let _ = tokio::time::timeout_at(deadline, async {
-                while let Some(Ok(message)) = self.stream.next().await {
+        let grace = tokio::time::sleep(CLOSE_GRACE);
+        tokio::pin!(grace);
+        if self.write(vec![frame], grace.as_mut()).await.is_ok() {
+            let socket = &mut self.socket;
+            let _ = tokio::time::timeout_at(grace.deadline(), async {
+                while let Some(Ok(message)) = socket.recv().await {
                     if matches!(message, Message::Close(_)) {
                         break;
                     }
@@ -327,43 +366,4 @@ fn is_capacity_error(error: &axum::Error) -> bool {
 enum WriteError {
     TimedOut,
     Closed,
-}
-
-/// Feeds every frame, then flushes once, all before `deadline`.
-async fn write_batch(
-    sink: &mut Sink,
-    frames: Vec<Outgoing>,
-    deadline: Instant,
-) -> Result<(), WriteError> {
-    let count = frames
-        .iter()
-        .filter(|f| matches!(f, Outgoing::Event(_)))
-        .count();
-    let write = async {
-        for frame in frames {
-            sink.feed(Message::Text(frame.json().clone())).await?;
-        }
-        sink.flush().await
-    };
-    match tokio::time::timeout_at(deadline, write).await {
-        Ok(Ok(())) => {
-            metrics::counter!("tollgate_stream_frames_delivered_total", "transport" => "websocket")
-                .increment(count as u64);
-            Ok(())
-        }
-        Ok(Err(_)) => Err(WriteError::Closed),
-        Err(_) => Err(WriteError::TimedOut),
-    }
-}
-
-async fn timed_send(
-    sink: &mut Sink,
-    message: Message,
-    deadline: Instant,
-) -> Result<(), WriteError> {
-    match tokio::time::timeout_at(deadline, sink.send(message)).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(_)) => Err(WriteError::Closed),
-        Err(_) => Err(WriteError::TimedOut),
-    }
 }
