@@ -67,9 +67,14 @@ enum Parse {
     Typed,
     /// `serde_json::Value`, like a browser's `JSON.parse`.
     Value,
-    /// Substring scan for the id and timestamp only: the cheapest client, to
-    /// tell client cost from server cost.
+    /// Substring scan for the id and timestamp only, still through
+    /// tokio-tungstenite: the cheapest real WebSocket client.
     Scan,
+    /// After the handshake, read the socket directly and split WebSocket
+    /// frames by hand (scan per frame, one clock read per socket read, one
+    /// timer per subscriber): as little client CPU as possible, so that on
+    /// a machine shared with the clients the server is what is measured.
+    Raw,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -821,7 +826,7 @@ fn classify(text: &str, parse: Parse) -> Seen {
             ),
             Err(_) => Seen::Other,
         },
-        Parse::Scan => {
+        Parse::Scan | Parse::Raw => {
             if let Some(rest) = text.strip_prefix("{\"id\":\"") {
                 let id = rest.split('"').next().and_then(|s| s.parse().ok());
                 let marker = "\"target\":\"t=";
@@ -865,9 +870,156 @@ fn classify_fields(
     }
 }
 
+impl SubscriberStats {
+    /// Counts one frame received at `now`; `true` once it was the end marker.
+    fn frame(&mut self, seen: Seen, now: u64, last_id: &mut u64) -> bool {
+        match seen {
+            Seen::Event { id, sent_ns } => {
+                self.events += 1;
+                if id <= *last_id {
+                    self.out_of_order += 1;
+                }
+                *last_id = id;
+                if self.first_receive_ns == 0 {
+                    self.first_receive_ns = now;
+                }
+                self.last_receive_ns = now;
+                self.latency.record(now.saturating_sub(sent_ns) / 1000);
+            }
+            Seen::End => {
+                self.saw_end = true;
+                return true;
+            }
+            Seen::Lagged { missed } => {
+                self.lagged_frames += 1;
+                self.missed += missed;
+            }
+            Seen::Other => self.other_frames += 1,
+        }
+        false
+    }
+}
+
+/// A WebSocket frame header from the server (never masked): FIN+opcode,
+/// payload length, header length; `None` until `buffer` holds all of it.
+fn frame_header(buffer: &[u8]) -> Option<(u8, usize, usize)> {
+    let (&first, &second) = (buffer.first()?, buffer.get(1)?);
+    let (length, header) = match second & 0x7f {
+        126 => (u16::from_be_bytes(buffer.get(2..4)?.try_into().ok()?) as usize, 4),
+        127 => (u64::from_be_bytes(buffer.get(2..10)?.try_into().ok()?) as usize, 10),
+        short => (short as usize, 2),
+    };
+    Some((first, length, header))
+}
+
+/// The digits at the start of `bytes` as a number.
+fn leading_number(bytes: &[u8]) -> Option<u64> {
+    let digits = bytes.iter().take_while(|b| b.is_ascii_digit()).count();
+    if digits == 0 || digits > 20 {
+        return None;
+    }
+    bytes[..digits]
+        .iter()
+        .try_fold(0u64, |n, d| n.checked_mul(10)?.checked_add(u64::from(d - b'0')))
+}
+
+/// [`Parse::Raw`]'s classification: on bytes, with precompiled substring
+/// searches, relying on the envelope's field order (`id` first; the
+/// payload's `action` before `target`). Control frames are rare: those
+/// are parsed properly.
+fn classify_raw(frame: &[u8]) -> Seen {
+    use std::sync::LazyLock;
+    static ACTION: LazyLock<memchr::memmem::Finder<'static>> =
+        LazyLock::new(|| memchr::memmem::Finder::new(b"\"action\":\"bench.e"));
+    static TARGET: LazyLock<memchr::memmem::Finder<'static>> =
+        LazyLock::new(|| memchr::memmem::Finder::new(b"\"target\":\"t="));
+    let Some(rest) = frame.strip_prefix(b"{\"id\":\"") else {
+        return classify(std::str::from_utf8(frame).unwrap_or(""), Parse::Typed);
+    };
+    let Some(at) = ACTION.find(frame) else {
+        return Seen::Other;
+    };
+    let after = at + ACTION.needle().len();
+    match frame.get(after) {
+        Some(b'v') => {
+            let sent = TARGET
+                .find(&frame[after..])
+                .and_then(|t| leading_number(&frame[after + t + TARGET.needle().len()..]));
+            match (leading_number(rest), sent) {
+                (Some(id), Some(sent_ns)) => Seen::Event { id, sent_ns },
+                _ => Seen::Other,
+            }
+        }
+        Some(b'n') => Seen::End,
+        _ => Seen::Other,
+    }
+}
+
+/// [`Parse::Raw`]: the subscriber's loop on the bare TCP stream.
+async fn subscribe_raw(ws: Ws, deadline: tokio::time::Instant) -> SubscriberStats {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stats = SubscriberStats::default();
+    let MaybeTlsStream::Plain(mut tcp) = ws.into_inner() else {
+        stats.closed_early = true;
+        return stats;
+    };
+    let mut last_id = 0u64;
+    let mut buffer: Vec<u8> = Vec::with_capacity(64 * 1024);
+    let mut chunk = vec![0u8; 64 * 1024];
+    let timer = tokio::time::sleep_until(deadline);
+    tokio::pin!(timer);
+    'read: loop {
+        let read = tokio::select! {
+            read = tcp.read(&mut chunk) => read,
+            _ = &mut timer => {
+                stats.timed_out = true;
+                break;
+            }
+        };
+        let now = mono_ns();
+        match read {
+            Ok(0) | Err(_) => {
+                stats.closed_early = true;
+                break;
+            }
+            Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+        }
+        let mut at = 0;
+        while let Some((first, length, header)) = frame_header(&buffer[at..]) {
+            let end = at + header + length;
+            if end > buffer.len() {
+                break;
+            }
+            let payload = &buffer[at + header..end];
+            match first & 0x0f {
+                0x1 => {
+                    if stats.frame(classify_raw(payload), now, &mut last_id) {
+                        break 'read;
+                    }
+                }
+                // A ping: answer with a masked, empty pong.
+                0x9 => {
+                    let _ = tcp.write_all(&[0x8a, 0x80, 0, 0, 0, 0]).await;
+                }
+                0x8 => {
+                    stats.closed_early = true;
+                    break 'read;
+                }
+                _ => stats.other_frames += 1,
+            }
+            at = end;
+        }
+        buffer.drain(..at);
+    }
+    stats
+}
+
 /// One subscriber's read loop: until the end marker, the connection's end
 /// or the deadline.
 async fn subscribe(mut ws: Ws, parse: Parse, deadline: tokio::time::Instant) -> SubscriberStats {
+    if parse == Parse::Raw {
+        return subscribe_raw(ws, deadline).await;
+    }
     let mut stats = SubscriberStats::default();
     let mut last_id = 0u64;
     loop {
@@ -890,28 +1042,8 @@ async fn subscribe(mut ws: Ws, parse: Parse, deadline: tokio::time::Instant) -> 
             }
             continue; // Ping (answered by tungstenite), Pong, Binary.
         };
-        match classify(text.as_str(), parse) {
-            Seen::Event { id, sent_ns } => {
-                stats.events += 1;
-                if id <= last_id {
-                    stats.out_of_order += 1;
-                }
-                last_id = id;
-                if stats.first_receive_ns == 0 {
-                    stats.first_receive_ns = now;
-                }
-                stats.last_receive_ns = now;
-                stats.latency.record(now.saturating_sub(sent_ns) / 1000);
-            }
-            Seen::End => {
-                stats.saw_end = true;
-                break;
-            }
-            Seen::Lagged { missed } => {
-                stats.lagged_frames += 1;
-                stats.missed += missed;
-            }
-            Seen::Other => stats.other_frames += 1,
+        if stats.frame(classify(text.as_str(), parse), now, &mut last_id) {
+            break;
         }
     }
     let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(None)).await;
@@ -1087,6 +1219,7 @@ impl ClientChild {
             Parse::Typed => "typed",
             Parse::Value => "value",
             Parse::Scan => "scan",
+            Parse::Raw => "raw",
         };
         let mut child = Command::new(exe)
             .args(["--client-only", "--url", url, "--client-mode", mode])
@@ -1719,7 +1852,7 @@ mod tests {
     #[test]
     fn frames_are_classified() {
         let event = r#"{"id":"42","type":"audit.admin","topic":"audit","timestamp":"t","payload":{"actor":"events-bench","action":"bench.event","target":"t=00000000000000001234;xxxx"}}"#;
-        for parse in [Parse::Typed, Parse::Value, Parse::Scan] {
+        for parse in [Parse::Typed, Parse::Value, Parse::Scan, Parse::Raw] {
             assert!(matches!(
                 classify(event, parse),
                 Seen::Event {
@@ -1735,5 +1868,27 @@ mod tests {
             let end = event.replace("bench.event", "bench.end");
             assert!(matches!(classify(&end, parse), Seen::End));
         }
+        assert!(matches!(
+            classify_raw(event.as_bytes()),
+            Seen::Event {
+                id: 42,
+                sent_ns: 1234
+            }
+        ));
+        let lagged = r#"{"type":"lagged","payload":{"missed":7,"resume_from":"3"}}"#;
+        assert!(matches!(classify_raw(lagged.as_bytes()), Seen::Lagged { missed: 7 }));
+        let end = event.replace("bench.event", "bench.end");
+        assert!(matches!(classify_raw(end.as_bytes()), Seen::End));
+    }
+
+    #[test]
+    fn frame_headers_of_all_three_length_forms_are_read() {
+        assert_eq!(frame_header(&[0x81, 5, b'h']), Some((0x81, 5, 2)));
+        assert_eq!(frame_header(&[0x81, 126, 1, 44]), Some((0x81, 300, 4)));
+        let mut long = vec![0x82, 127];
+        long.extend_from_slice(&70_000u64.to_be_bytes());
+        assert_eq!(frame_header(&long), Some((0x82, 70_000, 10)));
+        assert_eq!(frame_header(&[0x81]), None);
+        assert_eq!(frame_header(&[0x81, 126, 1]), None);
     }
 }
