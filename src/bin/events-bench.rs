@@ -905,8 +905,14 @@ impl SubscriberStats {
 fn frame_header(buffer: &[u8]) -> Option<(u8, usize, usize)> {
     let (&first, &second) = (buffer.first()?, buffer.get(1)?);
     let (length, header) = match second & 0x7f {
-        126 => (u16::from_be_bytes(buffer.get(2..4)?.try_into().ok()?) as usize, 4),
-        127 => (u64::from_be_bytes(buffer.get(2..10)?.try_into().ok()?) as usize, 10),
+        126 => (
+            u16::from_be_bytes(buffer.get(2..4)?.try_into().ok()?) as usize,
+            4,
+        ),
+        127 => (
+            u64::from_be_bytes(buffer.get(2..10)?.try_into().ok()?) as usize,
+            10,
+        ),
         short => (short as usize, 2),
     };
     Some((first, length, header))
@@ -918,9 +924,9 @@ fn leading_number(bytes: &[u8]) -> Option<u64> {
     if digits == 0 || digits > 20 {
         return None;
     }
-    bytes[..digits]
-        .iter()
-        .try_fold(0u64, |n, d| n.checked_mul(10)?.checked_add(u64::from(d - b'0')))
+    bytes[..digits].iter().try_fold(0u64, |n, d| {
+        n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+    })
 }
 
 /// [`Parse::Raw`]'s classification: on bytes, with precompiled substring
@@ -1876,7 +1882,10 @@ mod tests {
             }
         ));
         let lagged = r#"{"type":"lagged","payload":{"missed":7,"resume_from":"3"}}"#;
-        assert!(matches!(classify_raw(lagged.as_bytes()), Seen::Lagged { missed: 7 }));
+        assert!(matches!(
+            classify_raw(lagged.as_bytes()),
+            Seen::Lagged { missed: 7 }
+        ));
         let end = event.replace("bench.event", "bench.end");
         assert!(matches!(classify_raw(end.as_bytes()), Seen::End));
     }
