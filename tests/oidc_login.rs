@@ -204,6 +204,26 @@ async fn signing_in_uses_pkce_state_and_nonce_and_creates_a_session() {
         browser.cookie("tollgate_login").is_none(),
         "the login cookie is spent"
     );
+    let login_cookies: Vec<String> = browser
+        .set_cookies
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|c| c.starts_with("tollgate_login="))
+        .cloned()
+        .collect();
+    assert_eq!(
+        login_cookies.len(),
+        2,
+        "set by login, deleted by the callback"
+    );
+    for attribute in ["HttpOnly", "SameSite=Lax", "Path=/auth/callback"] {
+        assert!(
+            login_cookies.iter().all(|c| c.contains(attribute)),
+            "{login_cookies:?} lack {attribute}"
+        );
+    }
+    assert!(login_cookies[0].contains("Max-Age=600") && login_cookies[1].contains("Max-Age=0"));
 
     let who = me(&server, &browser).await;
     assert_eq!(who["signed_in"], true);

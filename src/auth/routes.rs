@@ -18,9 +18,16 @@ use crate::error::ApiError;
 use crate::server::AppState;
 use crate::store::SessionRecord;
 
-/// The cookie that holds a login in progress; only `/auth/callback` reads it.
+/// The cookie that holds a login in progress; only the callback reads it,
+/// so it is scoped to the callback's path as browsers see it (which may sit
+/// under a reverse proxy's prefix).
 const LOGIN_COOKIE: &str = "tollgate_login";
-const LOGIN_COOKIE_PATH: &str = "/auth";
+
+fn login_cookie_path(config: &OidcConfig) -> String {
+    url::Url::parse(&config.redirect_url)
+        .map(|url| url.path().to_owned())
+        .unwrap_or_else(|_| "/".to_owned())
+}
 /// Where a browser lands after signing in when it did not say.
 const DEFAULT_RETURN: &str = "/ui";
 
@@ -110,7 +117,7 @@ pub async fn login(
     let cookie = session::set_cookie(
         LOGIN_COOKIE,
         pending.to_cookie_value(),
-        LOGIN_COOKIE_PATH,
+        &login_cookie_path(&config),
         LOGIN_TTL_SECS,
         secure(&config),
     );
@@ -140,7 +147,7 @@ pub async fn callback(
     let clear_login = session::set_cookie(
         LOGIN_COOKIE,
         String::new(),
-        LOGIN_COOKIE_PATH,
+        &login_cookie_path(&config),
         0,
         secure(&config),
     );
@@ -308,5 +315,17 @@ mod tests {
             assert_eq!(safe_return_path(Some(bad)), "/ui", "{bad}");
         }
         assert_eq!(safe_return_path(None), "/ui");
+    }
+
+    #[test]
+    fn the_login_cookie_is_scoped_to_the_callback_as_browsers_see_it() {
+        let mut config: OidcConfig = toml::from_str(
+            "issuer = \"https://idp.example\"\nclient_id = \"c\"\nredirect_url = \"https://gw.example/auth/callback\"\n",
+        )
+        .unwrap();
+        assert_eq!(login_cookie_path(&config), "/auth/callback");
+        config.redirect_url = "https://example.com/gateway/auth/callback".into();
+        assert_eq!(login_cookie_path(&config), "/gateway/auth/callback");
+        assert!(secure(&config));
     }
 }
