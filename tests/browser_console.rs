@@ -13,27 +13,16 @@ mod support;
 mod real_oidc;
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use real_oidc::RealProvider;
 use serde_json::{json, Value};
-use support::TestServer;
-use tollgate::config::OidcConfig;
+use support::{run_script, skip_unless_ci, TestServer};
 
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser/console.mjs");
 const NODE_MODULES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser/node_modules");
 /// The script stops itself after 60 s; this is the backstop.
 const SCRIPT_DEADLINE: Duration = Duration::from_secs(90);
-/// Environment variables that would send the browser or Node elsewhere.
-const CLEARED_ENV: &[&str] = &[
-    "HTTP_PROXY",
-    "HTTPS_PROXY",
-    "ALL_PROXY",
-    "http_proxy",
-    "https_proxy",
-    "all_proxy",
-];
 
 /// Whether this test can run here; `Err` says what is missing. Under
 /// `CI=true` a missing piece fails the test instead.
@@ -55,19 +44,11 @@ fn missing_tools() -> Result<PathBuf, String> {
     Ok(chromium)
 }
 
-fn skip_or_fail(reason: &str) {
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "the browser test cannot run in CI: {reason}; .ci/run installs what it needs"
-    );
-    println!("skipping: {reason}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_console_signs_in_and_shows_a_requests_events_in_chromium() {
     let chromium = match missing_tools() {
         Ok(chromium) => chromium,
-        Err(reason) => return skip_or_fail(&reason),
+        Err(reason) => return skip_unless_ci(&reason),
     };
     let Some(provider) = RealProvider::start() else {
         return;
@@ -79,21 +60,13 @@ async fn the_console_signs_in_and_shows_a_requests_events_in_chromium() {
         )
         .await;
 
-    // The redirect URL needs the server's port, so OIDC is set once it runs.
     let server = TestServer::start(|c| c.features.websocket.require_auth = true).await;
-    let mut config = (**server.state.config.load()).clone();
-    config.auth.oidc = Some(OidcConfig {
-        issuer: provider.issuer.clone(),
-        client_id: "tollgate-browser-test".into(),
-        client_secret: Some("browser-test-secret".into()),
-        redirect_url: server.url("/auth/callback"),
-        scopes: ["openid", "profile", "email"].map(String::from).to_vec(),
-        admin_groups: vec!["ops".into()],
-        groups_claim: "groups".into(),
-        session_ttl_secs: 3600,
-        allowed_origins: vec![],
-    });
-    server.state.config.store(config.into());
+    server.enable_oidc(
+        &provider.issuer,
+        "tollgate-browser-test",
+        "browser-test-secret",
+        |_| {},
+    );
     let api_key = server.create_key("browser-test", true).await;
 
     let artifacts = PathBuf::from(
@@ -113,25 +86,8 @@ async fn the_console_signs_in_and_shows_a_requests_events_in_chromium() {
         .env("NAME", "Alice Example")
         .env("API_KEY", &api_key)
         .env("SCREENSHOT", &screenshot)
-        .env("CHROMIUM_PATH", &chromium)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    for name in CLEARED_ENV {
-        command.env_remove(name);
-    }
-    let output = tokio::time::timeout(SCRIPT_DEADLINE, command.output())
-        .await
-        .unwrap_or_else(|_| panic!("console.mjs did not finish within {SCRIPT_DEADLINE:?}"))
-        .expect("run node");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "console.mjs failed ({}):\nstdout:\n{stdout}\nstderr:\n{stderr}",
-        output.status
-    );
+        .env("CHROMIUM_PATH", &chromium);
+    let stdout = run_script(command, "console.mjs", SCRIPT_DEADLINE).await;
     println!(
         "console.mjs passed in {:.1?}; screenshots in {}\n{stdout}",
         started.elapsed(),
@@ -150,15 +106,9 @@ async fn the_console_signs_in_and_shows_a_requests_events_in_chromium() {
         record["payload"]["action"] == "session.started"
             && record["payload"]["actor"] == "user:alice"
     };
-    let audit: Value = reqwest::Client::new()
-        .get(server.url("/admin/v1/audit?type=audit.admin&limit=1000"))
-        .bearer_auth(&server.admin_key)
-        .send()
-        .await
-        .expect("the gateway answers")
-        .json()
-        .await
-        .expect("the audit page is JSON");
+    let audit = server
+        .admin_get("/admin/v1/audit?type=audit.admin&limit=1000")
+        .await;
     assert!(
         audit["data"]
             .as_array()

@@ -13,7 +13,7 @@ mod stream_client;
 mod support;
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use oidc_provider::{ScriptedProvider, ScriptedUser, Spoil};
@@ -28,25 +28,10 @@ const CLIENT_ID: &str = "tollgate-test";
 const CLIENT_SECRET: &str = "s3cret-of-the-client";
 
 /// A gateway with `require_auth = true` and `[auth.oidc]` pointing at
-/// `issuer` (set after start: the redirect URL needs the port).
+/// `issuer`.
 async fn gateway(issuer: &str, configure: impl FnOnce(&mut OidcConfig)) -> TestServer {
     let server = TestServer::start(|c| c.features.websocket.require_auth = true).await;
-    let mut oidc = OidcConfig {
-        issuer: issuer.to_owned(),
-        client_id: CLIENT_ID.to_owned(),
-        client_secret: Some(CLIENT_SECRET.to_owned()),
-        redirect_url: server.url("/auth/callback"),
-        scopes: vec!["openid".into(), "profile".into(), "email".into()],
-        admin_groups: vec!["ops".into()],
-        groups_claim: "groups".into(),
-        session_ttl_secs: 3600,
-        allowed_origins: vec![],
-    };
-    configure(&mut oidc);
-    let mut config = (**server.state.config.load()).clone();
-    config.auth.oidc = Some(oidc);
-    config.validate().expect("a valid test configuration");
-    server.state.config.store(Arc::new(config));
+    server.enable_oidc(issuer, CLIENT_ID, CLIENT_SECRET, configure);
     server
 }
 
@@ -684,4 +669,34 @@ async fn an_unreachable_provider_is_a_clear_502_and_the_gateway_keeps_serving() 
     assert!(!message.contains(CLIENT_SECRET));
     // API keys still work.
     WsClient::open(server.addr, "", Some(&server.admin_key)).await;
+}
+
+#[tokio::test]
+async fn the_console_page_is_served_with_its_flags_and_a_strict_policy() {
+    async fn page(server: &TestServer) -> String {
+        let response = reqwest::get(server.url("/ui")).await.unwrap();
+        assert_eq!(response.status(), 200);
+        let headers = response.headers().clone();
+        assert_eq!(headers["content-type"], "text/html; charset=utf-8");
+        assert_eq!(headers["x-content-type-options"], "nosniff");
+        let policy = headers["content-security-policy"].to_str().unwrap();
+        for directive in [
+            "default-src 'none'",
+            "connect-src 'self'",
+            "frame-ancestors 'none'",
+        ] {
+            assert!(policy.contains(directive), "{policy} lacks {directive}");
+        }
+        let body = response.text().await.unwrap();
+        assert!(!body.contains("__TOLLGATE_"), "every flag is filled in");
+        body
+    }
+    let plain = TestServer::start(|_| {}).await;
+    let body = page(&plain).await;
+    assert!(body.contains("const OIDC_ENABLED = false;"));
+    assert!(body.contains("const REQUIRE_AUTH = false;"));
+    let (_provider, server) = scripted(&[]).await;
+    let body = page(&server).await;
+    assert!(body.contains("const OIDC_ENABLED = true;"));
+    assert!(body.contains("const REQUIRE_AUTH = true;"));
 }

@@ -14,12 +14,12 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use support::{mock_cost, tokens, TestServer};
+use support::{mock_cost, run_script, skip_unless_ci, tokens, TestServer};
 use tollgate::store::LedgerRow;
 use uuid::Uuid;
 
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/openai_client.py");
-const SKIP: &str = "skipping: the openai Python package is not installed (pip install openai)";
+const SKIP: &str = "the openai Python package is not installed (pip install openai)";
 
 /// Generous: the script starts Python, imports the SDK and makes 7 requests.
 const SCRIPT_DEADLINE: Duration = Duration::from_secs(120);
@@ -29,18 +29,9 @@ const PROMPT: &str =
 /// The mock's reply: the first 12 words of the last message.
 const REPLY: &str = "Mock reply to: Please tell me a short story about a toll gate that counts";
 
-/// Variables that would change how the SDK or its HTTP client behaves.
-const CLEARED_ENV: &[&str] = &[
-    "OPENAI_ORG_ID",
-    "OPENAI_PROJECT_ID",
-    "OPENAI_LOG",
-    "HTTP_PROXY",
-    "HTTPS_PROXY",
-    "ALL_PROXY",
-    "http_proxy",
-    "https_proxy",
-    "all_proxy",
-];
+/// Variables that would change how the SDK behaves (proxy variables are
+/// removed by `run_script` too).
+const CLEARED_ENV: &[&str] = &["OPENAI_ORG_ID", "OPENAI_PROJECT_ID", "OPENAI_LOG"];
 
 async fn openai_is_importable() -> bool {
     let probe = tokio::process::Command::new("python3")
@@ -66,27 +57,13 @@ async fn run_sdk_script(server: &TestServer, key: &str) -> Value {
         .env("MODEL", "mock-1")
         .env("PROMPT", PROMPT)
         .env("FAIL_MODEL", "mock-fail")
-        .env("NO_PROXY", "127.0.0.1,localhost")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
+        .env("NO_PROXY", "127.0.0.1,localhost");
     for name in CLEARED_ENV {
         command.env_remove(name);
     }
-    let output = tokio::time::timeout(SCRIPT_DEADLINE, command.output())
-        .await
-        .unwrap_or_else(|_| panic!("{SCRIPT} did not finish within {SCRIPT_DEADLINE:?}"))
-        .expect("run python3");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "{SCRIPT} failed ({}):\nstdout:\n{stdout}\nstderr:\n{stderr}",
-        output.status
-    );
+    let stdout = run_script(command, SCRIPT, SCRIPT_DEADLINE).await;
     serde_json::from_str(stdout.trim())
-        .unwrap_or_else(|e| panic!("the script's output is not JSON ({e}):\n{stdout}\n{stderr}"))
+        .unwrap_or_else(|e| panic!("the script's output is not JSON ({e}):\n{stdout}"))
 }
 
 fn check_row(row: &LedgerRow, key_id: Uuid, streamed: bool, usage: (i64, i64)) {
@@ -110,12 +87,7 @@ fn request_id(result: &Value) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_official_openai_python_sdk_works_streamed_and_not() {
     if !openai_is_importable().await {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "the openai Python package is not installed in CI; .ci/run installs it with pip"
-        );
-        println!("{SKIP}");
-        return;
+        return skip_unless_ci(SKIP);
     }
     let server = TestServer::start(|_| {}).await;
     let (record, secret) =

@@ -1405,10 +1405,22 @@ fn fanout_main(args: &Args) -> anyhow::Result<()> {
     } else {
         n as u64
     } + FD_HEADROOM;
-    let nofile = raise_nofile(needed, "server process")?;
+    with_server(args, needed, |server, nofile| {
+        fanout_with(args, server, nofile)
+    })
+}
+
+/// Raises the descriptor limit to `needed_fds`, starts the server, runs
+/// `body` against it, stops it, and prints the summary.
+fn with_server(
+    args: &Args,
+    needed_fds: u64,
+    body: impl FnOnce(&RunningServer, u64) -> anyhow::Result<serde_json::Value>,
+) -> anyhow::Result<()> {
+    let nofile = raise_nofile(needed_fds, "server process")?;
     let wall_start = Instant::now();
     let server = RunningServer::start(args)?;
-    let result = fanout_with(args, &server, nofile);
+    let result = body(&server, nofile);
     server.stop();
     let summary = result?;
     if args.json {
@@ -1695,20 +1707,9 @@ fn fanout_with(
 // Idle-connection memory benchmark.
 
 fn idle_main(args: &Args, n: usize) -> anyhow::Result<()> {
-    let nofile = raise_nofile(n as u64 + FD_HEADROOM, "server process")?;
-    let wall_start = Instant::now();
-    let server = RunningServer::start(args)?;
-    let result = idle_with(args, &server, n, nofile);
-    server.stop();
-    let summary = result?;
-    if args.json {
-        println!("SUMMARY {}", serde_json::to_string(&summary)?);
-    }
-    eprintln!(
-        "(total wall time {:.1} s)",
-        wall_start.elapsed().as_secs_f64()
-    );
-    Ok(())
+    with_server(args, n as u64 + FD_HEADROOM, |server, nofile| {
+        idle_with(args, server, n, nofile)
+    })
 }
 
 fn idle_with(

@@ -169,7 +169,7 @@ impl Connection<'_> {
                 }
                 _ = ping.tick() => {
                     let ping = Message::Ping(Default::default());
-                    if self.write(vec![ping], deadline.as_mut()).await.is_err() {
+                    if self.write([ping], deadline.as_mut()).await.is_err() {
                         return End::ClientClosed;
                     }
                 }
@@ -251,8 +251,7 @@ impl Connection<'_> {
             .count();
         let messages = frames
             .into_iter()
-            .map(|frame| Message::Text(frame.json().clone()))
-            .collect();
+            .map(|frame| Message::Text(frame.json().clone()));
         self.write(messages, deadline).await?;
         self.delivered.increment(events as u64);
         Ok(())
@@ -261,7 +260,7 @@ impl Connection<'_> {
     /// Feeds every message, then flushes once, all before `deadline`.
     async fn write(
         &mut self,
-        messages: Vec<Message>,
+        messages: impl IntoIterator<Item = Message>,
         deadline: Pin<&mut Sleep>,
     ) -> Result<(), WriteError> {
         let socket = &mut self.socket;
@@ -332,7 +331,7 @@ impl Connection<'_> {
         }));
         let grace = tokio::time::sleep(CLOSE_GRACE);
         tokio::pin!(grace);
-        if self.write(vec![frame], grace.as_mut()).await.is_ok() {
+        if self.write([frame], grace.as_mut()).await.is_ok() {
             let socket = &mut self.socket;
             let _ = tokio::time::timeout_at(grace.deadline(), async {
                 while let Some(Ok(message)) = socket.recv().await {

@@ -251,6 +251,34 @@ impl TestServer {
         self.key_record(secret).await.id
     }
 
+    /// Turns `[auth.oidc]` on for `issuer`, then lets `configure` change
+    /// it. Done after start, because the redirect URL needs the port; the
+    /// gateway reads the configuration per request.
+    pub fn enable_oidc(
+        &self,
+        issuer: &str,
+        client_id: &str,
+        client_secret: &str,
+        configure: impl FnOnce(&mut tollgate::config::OidcConfig),
+    ) {
+        let mut oidc = tollgate::config::OidcConfig {
+            issuer: issuer.to_owned(),
+            client_id: client_id.to_owned(),
+            client_secret: Some(client_secret.to_owned()),
+            redirect_url: self.url("/auth/callback"),
+            scopes: ["openid", "profile", "email"].map(String::from).to_vec(),
+            admin_groups: vec!["ops".into()],
+            groups_claim: "groups".into(),
+            session_ttl_secs: 3600,
+            allowed_origins: vec![],
+        };
+        configure(&mut oidc);
+        let mut config = (**self.state.config.load()).clone();
+        config.auth.oidc = Some(oidc);
+        config.validate().expect("a valid test configuration");
+        self.state.config.store(Arc::new(config));
+    }
+
     /// `GET path` with the bootstrap admin key; the JSON answer.
     pub async fn admin_get(&self, path: &str) -> Value {
         let response = reqwest::Client::new()
@@ -478,6 +506,58 @@ pub fn marker(n: usize) -> SystemStartup {
         node: format!("marker-{n}"),
         listen: "-".into(),
     }
+}
+
+/// Proxy variables that would send a child process's HTTP somewhere other
+/// than 127.0.0.1.
+pub const PROXY_ENV: &[&str] = &[
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "ALL_PROXY",
+    "http_proxy",
+    "https_proxy",
+    "all_proxy",
+];
+
+/// A tool an end-to-end test needs is missing. Outside CI the test is
+/// skipped, saying why; under `CI=true`, where `.ci/run` installs what the
+/// tests need, a skip would hide that the test never ran, so it fails.
+pub fn skip_unless_ci(reason: &str) {
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "this test cannot run in CI: {reason}; .ci/run installs what it needs"
+    );
+    println!("skipping: {reason}");
+}
+
+/// Runs a test script (`node …`, `python3 …`) to its end within
+/// `deadline`, with stdin closed and the proxy variables removed; panics
+/// with both of its outputs unless it exits 0. Returns its stdout.
+pub async fn run_script(
+    mut command: tokio::process::Command,
+    what: &str,
+    deadline: Duration,
+) -> String {
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    for name in PROXY_ENV {
+        command.env_remove(name);
+    }
+    let output = tokio::time::timeout(deadline, command.output())
+        .await
+        .unwrap_or_else(|_| panic!("{what} did not finish within {deadline:?}"))
+        .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "{what} failed ({}):\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        output.status
+    );
+    stdout
 }
 
 /// A port on 127.0.0.1 that was free a moment ago, for a process that must
