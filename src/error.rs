@@ -79,6 +79,17 @@ impl ApiError {
         }
     }
 
+    /// A WebSocket handshake the server cannot accept (RFC 6455 §4.2.2:
+    /// not an HTTP/1.1 upgrade, or a protocol version other than 13).
+    pub fn upgrade_required(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::UPGRADE_REQUIRED,
+            "invalid_request_error",
+            code,
+            message,
+        )
+    }
+
     pub fn payload_too_large(message: impl Into<String>) -> Self {
         Self::new(
             StatusCode::PAYLOAD_TOO_LARGE,

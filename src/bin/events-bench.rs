@@ -961,6 +961,9 @@ fn classify_raw(frame: &[u8]) -> Seen {
     }
 }
 
+/// Free space the raw client keeps for each socket read.
+const RAW_READ: usize = 16 * 1024;
+
 /// [`Parse::Raw`]: the subscriber's loop on the bare TCP stream.
 async fn subscribe_raw(ws: Ws, deadline: tokio::time::Instant) -> SubscriberStats {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -970,25 +973,26 @@ async fn subscribe_raw(ws: Ws, deadline: tokio::time::Instant) -> SubscriberStat
         return stats;
     };
     let mut last_id = 0u64;
-    let mut buffer: Vec<u8> = Vec::with_capacity(64 * 1024);
-    let mut chunk = vec![0u8; 64 * 1024];
+    // The socket is read straight into this buffer and frames are parsed
+    // where they landed: one copy (the kernel's), and a buffer small enough
+    // that a thousand of them stay in cache. Only a partial frame at the end
+    // of a read is kept, and moved to the front by the next `reserve`.
+    let mut buffer = bytes::BytesMut::with_capacity(RAW_READ);
     let timer = tokio::time::sleep_until(deadline);
     tokio::pin!(timer);
     'read: loop {
+        buffer.reserve(RAW_READ);
         let read = tokio::select! {
-            read = tcp.read(&mut chunk) => read,
+            read = tcp.read_buf(&mut buffer) => read,
             _ = &mut timer => {
                 stats.timed_out = true;
                 break;
             }
         };
         let now = mono_ns();
-        match read {
-            Ok(0) | Err(_) => {
-                stats.closed_early = true;
-                break;
-            }
-            Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+        if matches!(read, Ok(0) | Err(_)) {
+            stats.closed_early = true;
+            break;
         }
         let mut at = 0;
         while let Some((first, length, header)) = frame_header(&buffer[at..]) {
@@ -1015,7 +1019,7 @@ async fn subscribe_raw(ws: Ws, deadline: tokio::time::Instant) -> SubscriberStat
             }
             at = end;
         }
-        buffer.drain(..at);
+        bytes::Buf::advance(&mut buffer, at);
     }
     stats
 }

@@ -8,6 +8,7 @@ pub mod hub;
 pub mod model;
 pub mod session;
 pub mod sse;
+pub mod upgrade;
 pub mod visibility;
 pub mod ws;
 

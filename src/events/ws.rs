@@ -1,47 +1,68 @@
 //! `GET /ws/events`: the event stream over WebSocket.
 //!
-//! Each connection is one task that owns its socket. It writes every ready
-//! event in one batch and flushes once (a flush per event caps fan-out
-//! long before the network does), pings every `ping_interval_secs`, and
-//! cuts off a client whose last Pong is older than `pong_timeout_secs`. It
-//! answers `subscribe` / `unsubscribe` / `ping` messages, and closes with
-//! 1001 after `system.shutdown`, 1008 when its key is revoked or its session
-//! ends, and 1009 for a client message over 64 KiB.
+//! Each connection is one task that owns its socket. Events leave in
+//! batches: every ready event is framed straight into the connection's
+//! write buffer (the envelope was serialised once, in the hub; a text frame
+//! adds a header of 2–10 bytes) and the buffer goes out in one write. A
+//! write per event caps fan-out long before the network does, and so does
+//! a per-message trip through a general WebSocket sink (BENCHMARKS.md).
+//! The protocol itself — client frames, masking, fragmentation, size
+//! limits, pong and close replies — is tungstenite's sans-I/O
+//! [`WebSocketContext`], fed from the same buffers.
+//!
+//! The task pings every `ping_interval_secs`, cuts off a client whose last
+//! Pong is older than `pong_timeout_secs`, answers `subscribe` /
+//! `unsubscribe` / `ping` messages, and closes with 1001 after
+//! `system.shutdown`, 1008 when its key is revoked or its session ends,
+//! 1009 for a client message over 64 KiB and 1002 for a protocol error.
 
+use std::io;
 use std::pin::Pin;
 use std::time::Duration;
 
 use axum::extract::rejection::QueryRejection;
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
-use axum::extract::{Query, State};
+use axum::extract::{Query, Request, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
-use futures::SinkExt;
+use bytes::{Buf, BytesMut};
 use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::{Instant, Sleep};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Control, Data, OpCode};
+use tokio_tungstenite::tungstenite::protocol::frame::{FrameHeader, Utf8Bytes};
+use tokio_tungstenite::tungstenite::protocol::{
+    CloseFrame, Role, WebSocketConfig, WebSocketContext,
+};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use super::admission::{self, Admission, StreamQuery, Transport};
 use super::credential::CredentialWatch;
 use super::model::Topic;
 use super::session::{self, Outgoing, StreamSession};
+use super::upgrade::{Upgrade, Upgraded};
 use crate::error::ApiError;
 use crate::server::AppState;
 
 /// The largest client message accepted; larger ones close with 1009.
 pub const MAX_CLIENT_MESSAGE: usize = 64 * 1024;
-/// Frames written per flush at most, so one busy connection cannot hold
-/// its task forever.
-const MAX_BATCH: usize = 512;
-/// A batch smaller than this yields once before it is written.
+/// A batch stops taking events once this many bytes are waiting, so one
+/// busy connection cannot hold its task forever.
+const MAX_BATCH_BYTES: usize = 64 * 1024;
+/// A batch of fewer frames than this yields once for more before it is
+/// written: under load, fewer and fuller writes, with no timer.
 const SMALL_BATCH: usize = 16;
-/// Per-connection socket buffers; see the upgrade in [`ws_events`].
-const READ_BUFFER: usize = 4 * 1024;
-const WRITE_BUFFER: usize = 16 * 1024;
+/// Bytes read from the socket at a time. Clients send little (pongs,
+/// subscribe messages); an idle connection keeps this much.
+const READ_CHUNK: usize = 2 * 1024;
+/// A write buffer that grew past this (a burst) is released after use, so
+/// an idle connection does not keep a burst's memory.
+const KEEP_WRITE_BUFFER: usize = 16 * 1024;
 /// How long a closing handshake may take before the socket is dropped.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 pub mod close_code {
     pub const GOING_AWAY: u16 = 1001;
+    pub const PROTOCOL_ERROR: u16 = 1002;
     pub const POLICY_VIOLATION: u16 = 1008;
     pub const MESSAGE_TOO_BIG: u16 = 1009;
 }
@@ -50,7 +71,7 @@ pub async fn ws_events(
     State(state): State<AppState>,
     headers: HeaderMap,
     query: Result<Query<StreamQuery>, QueryRejection>,
-    upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+    mut request: Request,
 ) -> Response {
     let query = match query {
         Ok(Query(query)) => query,
@@ -61,22 +82,14 @@ pub async fn ws_events(
             Ok(admission) => admission,
             Err(error) => return error.into_response(),
         };
-    let upgrade = match upgrade {
+    let upgrade = match Upgrade::from_request(&mut request) {
         Ok(upgrade) => upgrade,
-        Err(rejection) => return rejection.into_response(),
+        Err(refusal) => return refusal.into_response(),
     };
-    let tracker = state.stream_tasks.clone();
-    upgrade
-        // tungstenite's default read buffer is 128 KiB, zero-filled on every
-        // read attempt: 132 KiB per idle connection and a CPU cost on every
-        // loop. Clients send little; 4 KiB is plenty (BENCHMARKS.md).
-        .read_buffer_size(READ_BUFFER)
-        .write_buffer_size(WRITE_BUFFER)
-        // Room above the protocol's limit so an oversized message is read
-        // whole and answered with 1009 rather than a broken connection.
-        .max_message_size(MAX_CLIENT_MESSAGE * 4)
-        .max_frame_size(MAX_CLIENT_MESSAGE * 4)
-        .on_upgrade(move |socket| tracker.track_future(run_connection(state, admission, socket)))
+    let tasks = state.stream_tasks.clone();
+    upgrade.on_upgrade(&tasks, move |socket| {
+        run_connection(state, admission, socket)
+    })
 }
 
 /// How a connection ended, for logs and metrics.
@@ -87,10 +100,11 @@ enum End {
     Shutdown,
     Revoked,
     TooBig,
+    ProtocolError,
     HubClosed,
 }
 
-async fn run_connection(state: AppState, admission: Admission, socket: WebSocket) {
+async fn run_connection(state: AppState, admission: Admission, socket: Upgraded) {
     let Admission {
         filter,
         since,
@@ -102,10 +116,19 @@ async fn run_connection(state: AppState, admission: Admission, socket: WebSocket
     let connection_id = session.connection_id;
     tracing::debug!(%connection_id, key_id = ?key_id, "event stream opened (websocket)");
     let pong_timeout = Duration::from_secs(settings.pong_timeout_secs);
+    let config = WebSocketConfig::default()
+        .read_buffer_size(READ_CHUNK)
+        // Room above the protocol's limit so an oversized message is read
+        // whole and answered with 1009 rather than a broken connection.
+        .max_message_size(Some(MAX_CLIENT_MESSAGE * 4))
+        .max_frame_size(Some(MAX_CLIENT_MESSAGE * 4));
     let mut connection = Connection {
         state: &state,
         session,
         socket,
+        protocol: WebSocketContext::new(Role::Server, Some(config)),
+        input: BytesMut::new(),
+        output: Vec::new(),
         delivered: metrics::counter!("tollgate_stream_frames_delivered_total", "transport" => "websocket"),
         ping_interval: Duration::from_secs(settings.ping_interval_secs),
         pong_timeout,
@@ -114,7 +137,11 @@ async fn run_connection(state: AppState, admission: Admission, socket: WebSocket
     // Pong. Writes race it too, rather than each registering a timer.
     let deadline = tokio::time::sleep(pong_timeout);
     tokio::pin!(deadline);
-    let end = match connection.write_batch(opening, deadline.as_mut()).await {
+    let mut events = 0;
+    for out in &opening {
+        connection.put(out, &mut events);
+    }
+    let end = match connection.send(events, deadline.as_mut()).await {
         Ok(()) => connection.run(deadline).await,
         Err(_) => End::ClientClosed,
     };
@@ -129,12 +156,60 @@ struct Connection<'a> {
     state: &'a AppState,
     session: StreamSession,
     /// Not split: reads and writes never overlap (a `select!` branch's
-    /// handler runs after the other branches' futures are dropped), and a
-    /// split socket pays a lock on every read and write.
-    socket: WebSocket,
+    /// handler runs after the other branches' futures are dropped).
+    socket: Upgraded,
+    /// The WebSocket protocol state, without I/O: it reads client frames
+    /// out of `input` and writes its replies (pong, close) into `output`.
+    protocol: WebSocketContext,
+    /// Bytes read from the socket, not yet taken by `protocol`.
+    input: BytesMut,
+    /// Frames waiting to be written, in order.
+    output: Vec<u8>,
     delivered: metrics::Counter,
     ping_interval: Duration,
     pong_timeout: Duration,
+}
+
+/// `WebSocketContext`'s byte side: reads what the socket gave, writes into
+/// the outgoing buffer. Reading past the end is `WouldBlock`, so the
+/// context stops at the last complete frame.
+struct Buffers<'a> {
+    input: &'a mut BytesMut,
+    output: &'a mut Vec<u8>,
+}
+
+impl io::Read for Buffers<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.input.is_empty() {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        let n = buf.len().min(self.input.len());
+        buf[..n].copy_from_slice(&self.input[..n]);
+        self.input.advance(n);
+        Ok(n)
+    }
+}
+
+impl io::Write for Buffers<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.output.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// What reading the client's bytes asks the connection to do next.
+enum Received {
+    /// Keep going (replies, if any, are in `output`).
+    Continue,
+    /// Close with this code and reason, then end.
+    Close(u16, &'static str, End),
+    /// The client closed or broke the connection: send what is queued (a
+    /// close reply) and end.
+    Ended,
 }
 
 impl Connection<'_> {
@@ -144,18 +219,19 @@ impl Connection<'_> {
         let mut credential = CredentialWatch::new(self.state, &self.session.filter.identity);
         let shutdown = self.state.shutdown.clone();
         loop {
+            self.input.reserve(READ_CHUNK);
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => {
                     // `system.shutdown` was published before the signal; send
                     // everything still queued, then close.
-                    let mut queued = Vec::new();
+                    let mut events = 0;
                     while let Ok(Some(out)) = self.session.try_next() {
-                        queued.push(out);
+                        self.put(&out, &mut events);
                     }
                     let grace = tokio::time::sleep(CLOSE_GRACE);
                     tokio::pin!(grace);
-                    if self.write_batch(queued, grace).await.is_ok() {
+                    if self.send(events, grace).await.is_ok() {
                         self.close(close_code::GOING_AWAY, "server shutting down").await;
                     }
                     return End::Shutdown;
@@ -168,57 +244,46 @@ impl Connection<'_> {
                     return End::Revoked;
                 }
                 _ = ping.tick() => {
-                    let ping = Message::Ping(Default::default());
-                    if self.write([ping], deadline.as_mut()).await.is_err() {
+                    put_frame(&mut self.output, OpCode::Control(Control::Ping), b"");
+                    if self.send(0, deadline.as_mut()).await.is_err() {
                         return End::ClientClosed;
                     }
                 }
-                message = self.socket.recv() => {
-                    match message {
-                        Some(Ok(Message::Pong(_))) => {
-                            deadline.as_mut().reset(Instant::now() + self.pong_timeout);
+                read = self.socket.read_buf(&mut self.input) => {
+                    let received = match read {
+                        Ok(0) | Err(_) => return End::ClientClosed,
+                        Ok(_) => self.receive(deadline.as_mut()),
+                    };
+                    match received {
+                        Received::Continue => {}
+                        Received::Close(code, reason, end) => {
+                            self.close(code, reason).await;
+                            return end;
                         }
-                        Some(Ok(Message::Text(text))) => {
-                            if text.len() > MAX_CLIENT_MESSAGE {
-                                self.close(close_code::MESSAGE_TOO_BIG, "message larger than 64 KiB").await;
-                                return End::TooBig;
-                            }
-                            let reply = self.client_message(&text);
-                            if self.write_batch(vec![reply], deadline.as_mut()).await.is_err() {
-                                return End::ClientClosed;
-                            }
-                        }
-                        Some(Ok(Message::Binary(data))) => {
-                            if data.len() > MAX_CLIENT_MESSAGE {
-                                self.close(close_code::MESSAGE_TOO_BIG, "message larger than 64 KiB").await;
-                                return End::TooBig;
-                            }
-                            let reply = session::error_frame("binary_not_supported", "send JSON text frames");
-                            if self.write_batch(vec![reply], deadline.as_mut()).await.is_err() {
-                                return End::ClientClosed;
-                            }
-                        }
-                        Some(Ok(Message::Ping(_))) => {} // answered by the WebSocket layer
-                        Some(Ok(Message::Close(_))) | None => return End::ClientClosed,
-                        Some(Err(error)) => {
-                            if is_capacity_error(&error) {
-                                self.close(close_code::MESSAGE_TOO_BIG, "message larger than 64 KiB").await;
-                                return End::TooBig;
-                            }
+                        Received::Ended => {
+                            let grace = tokio::time::sleep(CLOSE_GRACE);
+                            tokio::pin!(grace);
+                            let _ = self.send(0, grace).await;
                             return End::ClientClosed;
                         }
+                    }
+                    if self.send(0, deadline.as_mut()).await.is_err() {
+                        return End::ClientClosed;
                     }
                 }
                 next = self.session.next() => {
                     let Ok(first) = next else { return End::HubClosed };
-                    let mut batch = vec![first];
-                    // A small batch waits one turn of the scheduler for more:
-                    // under load, fewer and fuller writes; no timer involved.
+                    let mut events = 0;
+                    let mut frames = 1;
+                    self.put(&first, &mut events);
                     let mut yielded = false;
-                    while batch.len() < MAX_BATCH {
+                    while self.output.len() < MAX_BATCH_BYTES {
                         match self.session.try_next() {
-                            Ok(Some(out)) => batch.push(out),
-                            Ok(None) if !yielded && batch.len() < SMALL_BATCH => {
+                            Ok(Some(out)) => {
+                                self.put(&out, &mut events);
+                                frames += 1;
+                            }
+                            Ok(None) if !yielded && frames < SMALL_BATCH => {
                                 yielded = true;
                                 tokio::task::yield_now().await;
                             }
@@ -228,7 +293,7 @@ impl Connection<'_> {
                     }
                     // A client that cannot take the batch before its pong
                     // deadline is as gone as one that stopped answering.
-                    match self.write_batch(batch, deadline.as_mut()).await {
+                    match self.send(events, deadline.as_mut()).await {
                         Ok(()) => {}
                         Err(WriteError::TimedOut) => return End::PongTimeout,
                         Err(WriteError::Closed) => return End::ClientClosed,
@@ -238,43 +303,106 @@ impl Connection<'_> {
         }
     }
 
-    /// Writes frames (events and control messages), then flushes once,
-    /// before `deadline`; counts the events delivered.
-    async fn write_batch(
-        &mut self,
-        frames: Vec<Outgoing>,
-        deadline: Pin<&mut Sleep>,
-    ) -> Result<(), WriteError> {
-        let events = frames
-            .iter()
-            .filter(|f| matches!(f, Outgoing::Event(_)))
-            .count();
-        let messages = frames
-            .into_iter()
-            .map(|frame| Message::Text(frame.json().clone()));
-        self.write(messages, deadline).await?;
-        self.delivered.increment(events as u64);
-        Ok(())
+    /// Frames one outgoing message into the write buffer as a text frame.
+    fn put(&mut self, out: &Outgoing, events: &mut u64) {
+        put_frame(
+            &mut self.output,
+            OpCode::Data(Data::Text),
+            out.json().as_bytes(),
+        );
+        if matches!(out, Outgoing::Event(_)) {
+            *events += 1;
+        }
     }
 
-    /// Feeds every message, then flushes once, all before `deadline`.
-    async fn write(
-        &mut self,
-        messages: impl IntoIterator<Item = Message>,
-        deadline: Pin<&mut Sleep>,
-    ) -> Result<(), WriteError> {
+    /// Writes the buffered frames before `deadline` and counts the `events`
+    /// among them as delivered.
+    async fn send(&mut self, events: u64, deadline: Pin<&mut Sleep>) -> Result<(), WriteError> {
+        if self.output.is_empty() {
+            return Ok(());
+        }
         let socket = &mut self.socket;
+        let output = &self.output;
         let write = async {
-            for message in messages {
-                socket.feed(message).await?;
-            }
+            socket.write_all(output).await?;
             socket.flush().await
         };
         tokio::select! {
             biased;
-            written = write => written.map_err(|_| WriteError::Closed),
-            _ = deadline => Err(WriteError::TimedOut),
+            written = write => written.map_err(|_| WriteError::Closed)?,
+            _ = deadline => return Err(WriteError::TimedOut),
         }
+        self.output.clear();
+        if self.output.capacity() > KEEP_WRITE_BUFFER {
+            self.output = Vec::new();
+        }
+        self.delivered.increment(events);
+        Ok(())
+    }
+
+    /// Takes every complete client message out of `input` and answers it
+    /// (into `output`).
+    fn receive(&mut self, mut deadline: Pin<&mut Sleep>) -> Received {
+        loop {
+            let mut buffers = Buffers {
+                input: &mut self.input,
+                output: &mut self.output,
+            };
+            let message = match self.protocol.read(&mut buffers) {
+                Ok(message) => message,
+                Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(WsError::Capacity(_)) => return too_big(),
+                Err(WsError::Protocol(_) | WsError::Utf8(_)) => {
+                    return Received::Close(
+                        close_code::PROTOCOL_ERROR,
+                        "WebSocket protocol error",
+                        End::ProtocolError,
+                    )
+                }
+                Err(_) => return Received::Ended,
+            };
+            match message {
+                Message::Pong(_) => {
+                    deadline.as_mut().reset(Instant::now() + self.pong_timeout);
+                }
+                Message::Text(text) => {
+                    if text.len() > MAX_CLIENT_MESSAGE {
+                        return too_big();
+                    }
+                    let reply = self.client_message(&text);
+                    self.put(&reply, &mut 0);
+                }
+                Message::Binary(data) => {
+                    if data.len() > MAX_CLIENT_MESSAGE {
+                        return too_big();
+                    }
+                    let reply =
+                        session::error_frame("binary_not_supported", "send JSON text frames");
+                    self.put(&reply, &mut 0);
+                }
+                // The pong reply is queued by the protocol and flushed below.
+                Message::Ping(_) | Message::Frame(_) => {}
+                Message::Close(_) => {
+                    // The close reply is queued; flushing it ends the context.
+                    self.flush_protocol();
+                    return Received::Ended;
+                }
+            }
+        }
+        self.flush_protocol();
+        Received::Continue
+    }
+
+    /// Moves anything the protocol queued (pong or close replies) into
+    /// `output`.
+    fn flush_protocol(&mut self) {
+        let mut buffers = Buffers {
+            input: &mut self.input,
+            output: &mut self.output,
+        };
+        // Writing into memory cannot fail; `ConnectionClosed` after a close
+        // reply only says the handshake is over.
+        let _ = self.protocol.flush(&mut buffers);
     }
 
     /// Answers one client text message.
@@ -325,24 +453,68 @@ impl Connection<'_> {
     /// Sends a close frame and waits briefly for the client's answer, so the
     /// frames before it are not lost to a reset.
     async fn close(&mut self, code: u16, reason: &'static str) {
-        let frame = Message::Close(Some(CloseFrame {
-            code,
+        let frame = CloseFrame {
+            code: CloseCode::from(code),
             reason: Utf8Bytes::from_static(reason),
-        }));
+        };
+        let mut buffers = Buffers {
+            input: &mut self.input,
+            output: &mut self.output,
+        };
+        if self.protocol.close(&mut buffers, Some(frame)).is_err() {
+            return;
+        }
         let grace = tokio::time::sleep(CLOSE_GRACE);
         tokio::pin!(grace);
-        if self.write([frame], grace.as_mut()).await.is_ok() {
-            let socket = &mut self.socket;
-            let _ = tokio::time::timeout_at(grace.deadline(), async {
-                while let Some(Ok(message)) = socket.recv().await {
-                    if matches!(message, Message::Close(_)) {
-                        break;
+        if self.send(0, grace.as_mut()).await.is_err() {
+            return;
+        }
+        let _ = tokio::time::timeout_at(grace.deadline(), async {
+            loop {
+                self.input.reserve(READ_CHUNK);
+                match self.socket.read_buf(&mut self.input).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+                let mut buffers = Buffers {
+                    input: &mut self.input,
+                    output: &mut self.output,
+                };
+                loop {
+                    match self.protocol.read(&mut buffers) {
+                        Ok(Message::Close(_)) => return,
+                        Ok(_) => {}
+                        Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(_) => return,
                     }
                 }
-            })
-            .await;
-        }
+            }
+        })
+        .await;
+        let _ = self.socket.shutdown().await;
     }
+}
+
+fn too_big() -> Received {
+    Received::Close(
+        close_code::MESSAGE_TOO_BIG,
+        "message larger than 64 KiB",
+        End::TooBig,
+    )
+}
+
+/// Appends one unmasked, final frame (RFC 6455 §5.2): the header, then the
+/// payload.
+fn put_frame(output: &mut Vec<u8>, opcode: OpCode, payload: &[u8]) {
+    let header = FrameHeader {
+        opcode,
+        ..FrameHeader::default()
+    };
+    output.reserve(header.len(payload.len() as u64) + payload.len());
+    header
+        .format(payload.len() as u64, output)
+        .expect("writing into a Vec cannot fail");
+    output.extend_from_slice(payload);
 }
 
 /// `topics` of a subscribe/unsubscribe message, every name known.
@@ -363,11 +535,6 @@ fn parse_topics(value: &Value) -> Result<Vec<Topic>, Outgoing> {
                 .map_err(|e| session::error_frame("unknown_topic", &e.to_string()))
         })
         .collect()
-}
-
-fn is_capacity_error(error: &axum::Error) -> bool {
-    let text = error.to_string();
-    text.contains("Space limit exceeded") || text.contains("too long") || text.contains("Capacity")
 }
 
 #[derive(Debug)]
