@@ -54,6 +54,10 @@ const SMALL_BATCH: usize = 16;
 /// Bytes read from the socket at a time. Clients send little (pongs,
 /// subscribe messages); an idle connection keeps this much.
 const READ_CHUNK: usize = 2 * 1024;
+/// What the protocol layer copies out of `input` per step: memory to
+/// memory, so small steps cost little, and its buffer stays this small on
+/// an idle connection.
+const PROTOCOL_CHUNK: usize = 256;
 /// A write buffer that grew past this (a burst) is released after use, so
 /// an idle connection does not keep a burst's memory.
 const KEEP_WRITE_BUFFER: usize = 16 * 1024;
@@ -117,7 +121,7 @@ async fn run_connection(state: AppState, admission: Admission, socket: Upgraded)
     tracing::debug!(%connection_id, key_id = ?key_id, "event stream opened (websocket)");
     let pong_timeout = Duration::from_secs(settings.pong_timeout_secs);
     let config = WebSocketConfig::default()
-        .read_buffer_size(READ_CHUNK)
+        .read_buffer_size(PROTOCOL_CHUNK)
         // Room above the protocol's limit so an oversized message is read
         // whole and answered with 1009 rather than a broken connection.
         .max_message_size(Some(MAX_CLIENT_MESSAGE * 4))
