@@ -44,6 +44,9 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+#[path = "bench_support/raw_ws.rs"]
+mod raw_ws;
+
 use tollgate::config::Config;
 use tollgate::events::model::AdminAction;
 use tollgate::events::EventHub;
@@ -900,24 +903,6 @@ impl SubscriberStats {
     }
 }
 
-/// A WebSocket frame header from the server (never masked): FIN+opcode,
-/// payload length, header length; `None` until `buffer` holds all of it.
-fn frame_header(buffer: &[u8]) -> Option<(u8, usize, usize)> {
-    let (&first, &second) = (buffer.first()?, buffer.get(1)?);
-    let (length, header) = match second & 0x7f {
-        126 => (
-            u16::from_be_bytes(buffer.get(2..4)?.try_into().ok()?) as usize,
-            4,
-        ),
-        127 => (
-            u64::from_be_bytes(buffer.get(2..10)?.try_into().ok()?) as usize,
-            10,
-        ),
-        short => (short as usize, 2),
-    };
-    Some((first, length, header))
-}
-
 /// The digits at the start of `bytes` as a number.
 fn leading_number(bytes: &[u8]) -> Option<u64> {
     let digits = bytes.iter().take_while(|b| b.is_ascii_digit()).count();
@@ -961,65 +946,31 @@ fn classify_raw(frame: &[u8]) -> Seen {
     }
 }
 
-/// Free space the raw client keeps for each socket read.
-const RAW_READ: usize = 16 * 1024;
-
 /// [`Parse::Raw`]: the subscriber's loop on the bare TCP stream.
 async fn subscribe_raw(ws: Ws, deadline: tokio::time::Instant) -> SubscriberStats {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stats = SubscriberStats::default();
     let MaybeTlsStream::Plain(mut tcp) = ws.into_inner() else {
         stats.closed_early = true;
         return stats;
     };
     let mut last_id = 0u64;
-    // The socket is read straight into this buffer and frames are parsed
-    // where they landed: one copy (the kernel's), and a buffer small enough
-    // that a thousand of them stay in cache. Only a partial frame at the end
-    // of a read is kept, and moved to the front by the next `reserve`.
-    let mut buffer = bytes::BytesMut::with_capacity(RAW_READ);
-    let timer = tokio::time::sleep_until(deadline);
-    tokio::pin!(timer);
-    'read: loop {
-        buffer.reserve(RAW_READ);
-        let read = tokio::select! {
-            read = tcp.read_buf(&mut buffer) => read,
-            _ = &mut timer => {
-                stats.timed_out = true;
-                break;
+    // One clock read per socket read, for every frame it brought.
+    let mut now = 0;
+    let end = raw_ws::read_frames(&mut tcp, tokio::time::sleep_until(deadline), |seen| {
+        match seen {
+            raw_ws::Seen::Read => now = mono_ns(),
+            raw_ws::Seen::Text(payload) => {
+                return stats.frame(classify_raw(payload), now, &mut last_id)
             }
-        };
-        let now = mono_ns();
-        if matches!(read, Ok(0) | Err(_)) {
-            stats.closed_early = true;
-            break;
+            raw_ws::Seen::Other => stats.other_frames += 1,
         }
-        let mut at = 0;
-        while let Some((first, length, header)) = frame_header(&buffer[at..]) {
-            let end = at + header + length;
-            if end > buffer.len() {
-                break;
-            }
-            let payload = &buffer[at + header..end];
-            match first & 0x0f {
-                0x1 => {
-                    if stats.frame(classify_raw(payload), now, &mut last_id) {
-                        break 'read;
-                    }
-                }
-                // A ping: answer with a masked, empty pong.
-                0x9 => {
-                    let _ = tcp.write_all(&[0x8a, 0x80, 0, 0, 0, 0]).await;
-                }
-                0x8 => {
-                    stats.closed_early = true;
-                    break 'read;
-                }
-                _ => stats.other_frames += 1,
-            }
-            at = end;
-        }
-        bytes::Buf::advance(&mut buffer, at);
+        false
+    })
+    .await;
+    match end {
+        raw_ws::RawEnd::Done => {}
+        raw_ws::RawEnd::Stopped => stats.timed_out = true,
+        raw_ws::RawEnd::Closed => stats.closed_early = true,
     }
     stats
 }
@@ -1822,6 +1773,7 @@ fn idle_with(
 
 #[cfg(test)]
 mod tests {
+    use super::raw_ws::frame_header;
     use super::*;
 
     #[test]

@@ -12,7 +12,9 @@
 //!   frame's `missed`. On SIGTERM or SIGINT, or after `--max-secs`, it reads
 //!   on until no frame has arrived for `--quiet-ms`, then prints one
 //!   `RESULT {json}` line; subscriber 0 can also write the request ids it
-//!   saw, so the caller can compare them with the ledger.
+//!   saw, so the caller can compare them with the ledger. After the
+//!   `connected` frame each subscriber reads its socket directly
+//!   (`bench_support/raw_ws.rs`, shared with `events-bench --parse raw`).
 //!
 //! Everything listens on or connects to 127.0.0.1 only, and every wait is
 //! bounded.
@@ -38,11 +40,16 @@ use axum::Router;
 use clap::{Parser, Subcommand};
 use futures::StreamExt;
 use serde::Serialize;
+use tokio::net::TcpStream;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
+
+#[path = "bench_support/raw_ws.rs"]
+mod raw_ws;
 
 /// The one answer: a small, complete chat completion with usage.
 const COMPLETION: &[u8] = br#"{"id":"chatcmpl-bench","object":"chat.completion","created":1700000000,"model":"bench-upstream","choices":[{"index":0,"message":{"role":"assistant","content":"Hello from the benchmark upstream."},"finish_reason":"stop"}],"usage":{"prompt_tokens":12,"completion_tokens":8,"total_tokens":20}}"#;
@@ -345,39 +352,35 @@ fn lines(ids: &[String]) -> String {
     out
 }
 
-async fn read_events<S>(
-    mut ws: S,
+/// One subscriber: reads its socket directly (`raw_ws`), so the 100
+/// subscribers cost the shared CPU as little as a client can.
+async fn read_events(
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
     keep_ids: bool,
     stop: CancellationToken,
     last_frame: Arc<AtomicU64>,
     started: Instant,
-) -> Counts
-where
-    S: futures::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
-{
+) -> Counts {
     let mut counts = Counts::default();
-    loop {
-        let message = tokio::select! {
-            biased;
-            message = ws.next() => message,
-            _ = stop.cancelled() => break,
-        };
-        let text = match message {
-            Some(Ok(Message::Text(text))) => text,
-            // Pings are answered by tungstenite on the next read.
-            Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
-            Some(Ok(Message::Binary(_))) => {
-                counts.other_frames += 1;
-                continue;
+    let MaybeTlsStream::Plain(mut tcp) = ws.into_inner() else {
+        counts.closed_early = true;
+        return counts;
+    };
+    let end = raw_ws::read_frames(&mut tcp, stop.cancelled(), |seen| {
+        match seen {
+            raw_ws::Seen::Read => {
+                last_frame.store(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
             }
-            Some(Ok(Message::Close(_))) | Some(Err(_)) | None => {
-                counts.closed_early = !stop.is_cancelled();
-                break;
-            }
-        };
-        last_frame.store(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        count_frame(&text, keep_ids, &mut counts);
-    }
+            raw_ws::Seen::Text(payload) => match std::str::from_utf8(payload) {
+                Ok(text) => count_frame(text, keep_ids, &mut counts),
+                Err(_) => counts.other_frames += 1,
+            },
+            raw_ws::Seen::Other => counts.other_frames += 1,
+        }
+        false
+    })
+    .await;
+    counts.closed_early = end == raw_ws::RawEnd::Closed && !stop.is_cancelled();
     counts
 }
 
