@@ -8,7 +8,10 @@ mod support;
 use chrono::{DateTime, Duration, Utc};
 use support::{wait_until, TestDb, DEADLINE};
 use tollgate::auth::keys::{self, GeneratedKey};
-use tollgate::store::{ApiKeyRecord, Backend, NewApiKey, SessionRecord, Store, StoreError};
+use tollgate::store::{
+    ApiKeyRecord, AuditQuery, Backend, LedgerRow, NewApiKey, NewAuditRecord, SessionRecord, Store,
+    StoreError, UsageQuery,
+};
 use uuid::Uuid;
 
 macro_rules! on_both_backends {
@@ -39,6 +42,7 @@ macro_rules! on_both_backends {
 }
 
 on_both_backends!(
+    a_batch_of_requests_lands_whole_and_in_order,
     sessions_round_trip_end_once_and_are_purged,
     keys_have_owners_and_are_found_by_them,
     the_store_uses_the_backend_its_url_names,
@@ -464,4 +468,94 @@ async fn keys_have_owners_and_are_found_by_them(db: &TestDb) {
         store.set_api_key_owner(Uuid::new_v4(), Some("x")).await,
         Err(StoreError::NotFound(_))
     ));
+}
+
+/// More rows than one INSERT statement carries, with every column of each
+/// row distinct, so a parameter bound to the wrong row or column shows.
+async fn a_batch_of_requests_lands_whole_and_in_order(db: &TestDb) {
+    let store = db.store().await;
+    let key = Uuid::new_v4();
+    let at = Utc::now();
+    let n = 450i64;
+    let ledger: Vec<LedgerRow> = (0..n)
+        .map(|i| LedgerRow {
+            at: at + Duration::milliseconds(i),
+            request_id: format!("req-{i}"),
+            key_id: key,
+            model: format!("model-{}", i % 3),
+            provider: "p".into(),
+            input_tokens: i,
+            output_tokens: 2 * i,
+            cost_micros: 3 * i,
+            latency_ms: 4 * i,
+            status: 200 + i % 2,
+            streamed: i % 2 == 0,
+            estimated: i % 3 == 0,
+        })
+        .collect();
+    let audit: Vec<NewAuditRecord> = (0..n)
+        .map(|i| NewAuditRecord {
+            at: at + Duration::milliseconds(i),
+            event_type: "audit.request",
+            key_id: (i % 2 == 0).then_some(key),
+            request_id: Some(format!("req-{i}")),
+            payload: format!(r#"{{"n":{i}}}"#),
+        })
+        .collect();
+    store.record_requests(&ledger, &audit, &[]).await.unwrap();
+
+    for i in [0, 1, 199, 200, 201, 449] {
+        let rows = store
+            .ledger_rows_for_request(&format!("req-{i}"))
+            .await
+            .unwrap();
+        assert_eq!(rows.len(), 1, "req-{i}");
+        let mut expected = ledger[i as usize].clone();
+        // Stored at millisecond precision.
+        expected.at = rows[0].at;
+        assert_eq!(rows[0], expected, "req-{i}");
+        assert_eq!(
+            rows[0].at.timestamp_millis(),
+            ledger[i as usize].at.timestamp_millis()
+        );
+    }
+    let totals = store
+        .usage_totals(&UsageQuery {
+            key_id: Some(key),
+            model: None,
+            from: None,
+            to: None,
+            group_by: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(totals[0].requests, n);
+    assert_eq!(totals[0].input_tokens, n * (n - 1) / 2);
+    assert_eq!(totals[0].cost_micros, 3 * n * (n - 1) / 2);
+
+    // The audit log keeps the batch's order: newest (last) first.
+    let page = store
+        .list_audit(&AuditQuery {
+            since: None,
+            event_type: None,
+            key_id: None,
+            before_id: None,
+            limit: 1000,
+        })
+        .await
+        .unwrap();
+    assert_eq!(page.len(), n as usize);
+    for (k, record) in page.iter().enumerate() {
+        let i = n - 1 - k as i64;
+        assert_eq!(
+            record.request_id.as_deref(),
+            Some(format!("req-{i}").as_str())
+        );
+        assert_eq!(record.payload["n"], i);
+        assert_eq!(record.key_id, (i % 2 == 0).then_some(key));
+        assert_eq!(
+            record.at.timestamp_millis(),
+            audit[i as usize].at.timestamp_millis()
+        );
+    }
 }

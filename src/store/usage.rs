@@ -70,6 +70,32 @@ pub struct UsageGroup {
 
 const DAY_MS: i64 = 86_400_000;
 
+/// Rows per multi-row INSERT: at 12 parameters a row, far below the
+/// parameters a statement may have (SQLite 32,766; PostgreSQL 65,535).
+const ROWS_PER_INSERT: usize = 200;
+
+/// `($1, …, $n<extra>), ($n+1, …)` for `rows` rows of `params` parameters
+/// each, `extra` (literal SQL) closing every row.
+fn values_clause(rows: usize, params: usize, extra: &str) -> String {
+    let mut sql = String::with_capacity(rows * (params * 5 + extra.len() + 4));
+    for row in 0..rows {
+        if row > 0 {
+            sql.push_str(", ");
+        }
+        sql.push('(');
+        for param in 0..params {
+            if param > 0 {
+                sql.push_str(", ");
+            }
+            sql.push('$');
+            sql.push_str(&(row * params + param + 1).to_string());
+        }
+        sql.push_str(extra);
+        sql.push(')');
+    }
+    sql
+}
+
 impl Store {
     /// Writes finished requests in one transaction: their ledger rows and
     /// audit rows land together or not at all.
@@ -96,39 +122,49 @@ impl Store {
                 .await?,
             );
         }
-        for row in ledger {
-            sqlx::query(
+        // Many rows per statement: one round trip to the database (a
+        // thread hop for SQLite, a network trip for PostgreSQL) per chunk
+        // rather than per row.
+        for rows in ledger.chunks(ROWS_PER_INSERT) {
+            let sql = format!(
                 "INSERT INTO usage_ledger (at, request_id, key_id, model, provider, input_tokens, \
-                 output_tokens, cost_micros, latency_ms, status, streamed, estimated) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
-            )
-            .bind(to_millis(row.at))
-            .bind(&row.request_id)
-            .bind(row.key_id.to_string())
-            .bind(&row.model)
-            .bind(&row.provider)
-            .bind(row.input_tokens)
-            .bind(row.output_tokens)
-            .bind(row.cost_micros)
-            .bind(row.latency_ms)
-            .bind(row.status)
-            .bind(i64::from(row.streamed))
-            .bind(i64::from(row.estimated))
-            .execute(&mut *tx)
-            .await?;
+                 output_tokens, cost_micros, latency_ms, status, streamed, estimated) VALUES {}",
+                values_clause(rows.len(), 12, "")
+            );
+            let mut query = sqlx::query(&sql);
+            for row in rows {
+                query = query
+                    .bind(to_millis(row.at))
+                    .bind(&row.request_id)
+                    .bind(row.key_id.to_string())
+                    .bind(&row.model)
+                    .bind(&row.provider)
+                    .bind(row.input_tokens)
+                    .bind(row.output_tokens)
+                    .bind(row.cost_micros)
+                    .bind(row.latency_ms)
+                    .bind(row.status)
+                    .bind(i64::from(row.streamed))
+                    .bind(i64::from(row.estimated));
+            }
+            query.execute(&mut *tx).await?;
         }
-        for record in audit {
-            sqlx::query(
+        for records in audit.chunks(ROWS_PER_INSERT) {
+            let sql = format!(
                 "INSERT INTO audit_log (at, event_type, key_id, request_id, payload, published) \
-                 VALUES ($1, $2, $3, $4, $5, 1)",
-            )
-            .bind(to_millis(record.at))
-            .bind(record.event_type)
-            .bind(record.key_id.map(|k| k.to_string()))
-            .bind(record.request_id.clone())
-            .bind(&record.payload)
-            .execute(&mut *tx)
-            .await?;
+                 VALUES {}",
+                values_clause(records.len(), 5, ", 1")
+            );
+            let mut query = sqlx::query(&sql);
+            for record in records {
+                query = query
+                    .bind(to_millis(record.at))
+                    .bind(record.event_type)
+                    .bind(record.key_id.map(|k| k.to_string()))
+                    .bind(record.request_id.clone())
+                    .bind(&record.payload);
+            }
+            query.execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(totals)
@@ -240,5 +276,22 @@ impl Store {
             groups.push(group);
         }
         Ok(groups)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::values_clause;
+
+    #[test]
+    fn values_clauses_number_every_parameter_once_in_order() {
+        assert_eq!(values_clause(1, 2, ""), "($1, $2)");
+        assert_eq!(
+            values_clause(3, 2, ", 1"),
+            "($1, $2, 1), ($3, $4, 1), ($5, $6, 1)"
+        );
+        let many = values_clause(200, 12, "");
+        assert!(many.starts_with("($1, $2,") && many.ends_with("$2399, $2400)"));
+        assert_eq!(many.matches('$').count(), 2400);
     }
 }
