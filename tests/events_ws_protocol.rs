@@ -80,25 +80,13 @@ async fn refusal(addr: SocketAddr, lines: &[&str]) -> (u16, String, Value) {
 
 #[tokio::test]
 async fn the_opening_handshake_is_answered_per_rfc_6455_and_bad_ones_are_refused_with_json() {
-    let server = TestServer::start(|_| {}).await;
+    // One stream slot: a refused handshake that kept its slot would turn the
+    // next request into a 503, and the final, good handshake would fail.
+    let server = TestServer::start(|config| {
+        config.features.websocket.max_connections = 1;
+    })
+    .await;
     let addr = server.addr;
-
-    // RFC 6455 §1.3's example key gets the example's accept value, and the
-    // stream starts with `connected` right after the 101.
-    let (mut tcp, head, mut rest) = raw_request(addr, &handshake_request(addr, GOOD)).await;
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    assert_eq!(
-        header(&head, "sec-websocket-accept"),
-        Some("s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
-    );
-    assert_eq!(
-        header(&head, "upgrade").map(str::to_ascii_lowercase),
-        Some("websocket".into())
-    );
-    let (opcode, payload) = read_frame(&mut tcp, &mut rest).await;
-    assert_eq!(opcode, 0x1, "a text frame");
-    let connected: Value = serde_json::from_slice(&payload).unwrap();
-    assert_eq!(connected["type"], "connected");
 
     // A plain GET, as a browser tab or curl without upgrade headers sends.
     let (status, _, body) = refusal(addr, &[]).await;
@@ -133,8 +121,22 @@ async fn the_opening_handshake_is_answered_per_rfc_6455_and_bad_ones_are_refused
     assert_eq!(header(&head, "sec-websocket-version"), Some("13"));
     assert_eq!(body["error"]["code"], "unsupported_websocket_version");
 
-    // Refusals happen before any slot is taken: a normal client still gets in.
-    let (_client, connected) = WsClient::open(addr, "", None).await;
+    // RFC 6455 §1.3's example key gets the example's accept value, and the
+    // stream starts with `connected` right after the 101 — in the one slot,
+    // which none of the refusals above kept.
+    let (mut tcp, head, mut rest) = raw_request(addr, &handshake_request(addr, GOOD)).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert_eq!(
+        header(&head, "sec-websocket-accept"),
+        Some("s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
+    );
+    assert_eq!(
+        header(&head, "upgrade").map(str::to_ascii_lowercase),
+        Some("websocket".into())
+    );
+    let (opcode, payload) = read_frame(&mut tcp, &mut rest).await;
+    assert_eq!(opcode, 0x1, "a text frame");
+    let connected: Value = serde_json::from_slice(&payload).unwrap();
     assert_eq!(connected["type"], "connected");
     server.shutdown().await;
 }
@@ -249,11 +251,12 @@ async fn client_pings_are_ponged_and_fragmented_messages_are_reassembled() {
 }
 
 #[tokio::test]
-async fn a_message_far_over_the_limit_closes_with_1009_before_it_is_buffered_whole() {
+async fn a_message_far_over_the_protocol_layers_own_limit_also_closes_with_1009() {
     let server = TestServer::start(|_| {}).await;
     let (mut client, _) = WsClient::open(server.addr, "", None).await;
-    // 1 MiB: past the protocol layer's own ceiling, so it is refused while
-    // being read, and still answered with 1009 rather than a reset.
+    // 1 MiB: past the protocol layer's own ceiling (256 KiB), so it is
+    // refused as a capacity error rather than read whole, and must still be
+    // answered with 1009 rather than a reset.
     client
         .ws
         .send(Message::Text("a".repeat(1024 * 1024).into()))

@@ -348,11 +348,8 @@ impl Connection<'_> {
     /// (into `output`).
     fn receive(&mut self, mut deadline: Pin<&mut Sleep>) -> Received {
         loop {
-            let mut buffers = Buffers {
-                input: &mut self.input,
-                output: &mut self.output,
-            };
-            let message = match self.protocol.read(&mut buffers) {
+            let (protocol, mut buffers) = self.protocol_io();
+            let message = match protocol.read(&mut buffers) {
                 Ok(message) => message,
                 Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(WsError::Capacity(_)) => return too_big(),
@@ -397,16 +394,23 @@ impl Connection<'_> {
         Received::Continue
     }
 
-    /// Moves anything the protocol queued (pong or close replies) into
-    /// `output`.
-    fn flush_protocol(&mut self) {
-        let mut buffers = Buffers {
+    /// The protocol state with its byte side: `input` to read client
+    /// frames from, `output` for its replies.
+    fn protocol_io(&mut self) -> (&mut WebSocketContext, Buffers<'_>) {
+        let buffers = Buffers {
             input: &mut self.input,
             output: &mut self.output,
         };
+        (&mut self.protocol, buffers)
+    }
+
+    /// Moves anything the protocol queued (pong or close replies) into
+    /// `output`.
+    fn flush_protocol(&mut self) {
+        let (protocol, mut buffers) = self.protocol_io();
         // Writing into memory cannot fail; `ConnectionClosed` after a close
         // reply only says the handshake is over.
-        let _ = self.protocol.flush(&mut buffers);
+        let _ = protocol.flush(&mut buffers);
     }
 
     /// Answers one client text message.
@@ -461,11 +465,8 @@ impl Connection<'_> {
             code: CloseCode::from(code),
             reason: Utf8Bytes::from_static(reason),
         };
-        let mut buffers = Buffers {
-            input: &mut self.input,
-            output: &mut self.output,
-        };
-        if self.protocol.close(&mut buffers, Some(frame)).is_err() {
+        let (protocol, mut buffers) = self.protocol_io();
+        if protocol.close(&mut buffers, Some(frame)).is_err() {
             return;
         }
         let grace = tokio::time::sleep(CLOSE_GRACE);
@@ -480,12 +481,9 @@ impl Connection<'_> {
                     Ok(0) | Err(_) => return,
                     Ok(_) => {}
                 }
-                let mut buffers = Buffers {
-                    input: &mut self.input,
-                    output: &mut self.output,
-                };
+                let (protocol, mut buffers) = self.protocol_io();
                 loop {
-                    match self.protocol.read(&mut buffers) {
+                    match protocol.read(&mut buffers) {
                         Ok(Message::Close(_)) => return,
                         Ok(_) => {}
                         Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => break,
