@@ -3,7 +3,9 @@
 //! Names (all prefixed `tollgate_`): `streams_open{transport}`,
 //! `events_published_total{type}`, `stream_frames_delivered_total{transport}`,
 //! `events_lagged_total`, `stream_resumes_total{outcome}`,
-//! `stream_rejections_total{reason}`, `stream_pong_timeouts_total`.
+//! `stream_rejections_total{reason}`, `stream_pong_timeouts_total`,
+//! `ledger_records_total` (finished `/v1/*` requests written) and
+//! `ledger_transactions_total` (the store transactions they took).
 
 use std::sync::OnceLock;
 
