@@ -32,6 +32,14 @@ use crate::store::{LedgerRow, NewAuditRecord, SpendIncrement, Store};
 /// Records drained into one transaction at most.
 const MAX_BATCH: usize = 512;
 
+/// A batch's events are published together, so a subscriber with one
+/// event still unread must have room for all of them: a batch holds at
+/// most a quarter of the smallest subscriber channel in records (each
+/// publishes two events, more with guardrail hits or budget alerts).
+fn batch_limit(smallest_channel_capacity: usize) -> usize {
+    (smallest_channel_capacity / 4).clamp(1, MAX_BATCH)
+}
+
 /// The shortest time between the starts of two ledger transactions. At
 /// 2,000 requests/s it turns ~1,000 commits of one or two rows into 200 of
 /// ten, and each subscriber's hundreds of small writes into fewer, fuller
@@ -97,7 +105,8 @@ async fn write_loop(
     book: Arc<BudgetBook>,
     receiver: mpsc::UnboundedReceiver<Message<FinishedRequest>>,
 ) {
-    gather(receiver, MIN_COMMIT_INTERVAL, |mut batch| {
+    let limit = || batch_limit(hub.smallest_channel_capacity());
+    gather(receiver, MIN_COMMIT_INTERVAL, limit, |mut batch| {
         let (store, hub, book) = (&store, &hub, &book);
         async move {
             write_batch(store, hub, book, &mut batch).await;
@@ -107,20 +116,21 @@ async fn write_loop(
     .await
 }
 
-/// Receives records into batches of at most [`MAX_BATCH`] and hands each
-/// to `write` (which gives the emptied vector back), until a `Close` has
-/// been answered or every sender is gone. A write starts at least
-/// `interval` after the one before it unless that one was full, so a busy
-/// spell's records gather while a record after a quiet spell goes at once.
+/// Receives records into batches of at most `limit()` and hands each to
+/// `write` (which gives the emptied vector back), until a `Close` has been
+/// answered or every sender is gone. A write starts at least `interval`
+/// after the one before it unless that one was full, so a busy spell's
+/// records gather while a record after a quiet spell goes at once.
 async fn gather<T, F, Fut>(
     mut receiver: mpsc::UnboundedReceiver<Message<T>>,
     interval: Duration,
+    limit: impl Fn() -> usize,
     mut write: F,
 ) where
     F: FnMut(Vec<T>) -> Fut,
     Fut: Future<Output = Vec<T>>,
 {
-    let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut batch = Vec::new();
     let mut next_write_at: Option<Instant> = None;
     while let Some(first) = receiver.recv().await {
         if let (Message::Record(_), Some(at)) = (&first, next_write_at) {
@@ -128,6 +138,7 @@ async fn gather<T, F, Fut>(
                 tokio::time::sleep_until(at).await;
             }
         }
+        let limit = limit().max(1);
         let mut close = None;
         let mut next = Some(first);
         while let Some(message) = next.take() {
@@ -138,25 +149,32 @@ async fn gather<T, F, Fut>(
                     break;
                 }
             }
-            if batch.len() < MAX_BATCH {
+            if batch.len() < limit {
                 next = receiver.try_recv().ok();
             }
         }
-        // Close drains whatever else is queued behind it too.
-        if close.is_some() {
-            while let Ok(Message::Record(record)) = receiver.try_recv() {
-                batch.push(*record);
-            }
-        }
-        if !batch.is_empty() {
-            next_write_at = (batch.len() < MAX_BATCH).then(|| Instant::now() + interval);
-            batch = write(batch).await;
-            batch.clear();
-        }
         if let Some(done) = close {
+            // Close writes whatever else is queued behind it too, at once
+            // and still in batches of the limit.
+            loop {
+                while batch.len() < limit {
+                    match receiver.try_recv() {
+                        Ok(Message::Record(record)) => batch.push(*record),
+                        _ => break,
+                    }
+                }
+                if batch.is_empty() {
+                    break;
+                }
+                batch = write(batch).await;
+                batch.clear();
+            }
             let _ = done.send(());
             return;
         }
+        next_write_at = (batch.len() < limit).then(|| Instant::now() + interval);
+        batch = write(batch).await;
+        batch.clear();
     }
 }
 
@@ -266,19 +284,26 @@ mod tests {
     /// When each write started, and its batch.
     type Writes = Vec<(Instant, Vec<u32>)>;
 
-    /// Runs [`gather`] with a writer that takes no time and notes when each
-    /// batch started and how large it was.
-    fn start_gathering() -> (
+    /// Runs [`gather`] with batches of at most `limit` and a writer that
+    /// takes no time and notes when each batch started and what it held.
+    fn start_gathering(
+        limit: usize,
+    ) -> (
         mpsc::UnboundedSender<Message<u32>>,
         tokio::task::JoinHandle<Writes>,
     ) {
         let (queue, receiver) = mpsc::unbounded_channel();
         let writer = tokio::spawn(async move {
             let mut writes = Vec::new();
-            gather(receiver, INTERVAL, |batch: Vec<u32>| {
-                writes.push((Instant::now(), batch.clone()));
-                async move { batch }
-            })
+            gather(
+                receiver,
+                INTERVAL,
+                move || limit,
+                |batch: Vec<u32>| {
+                    writes.push((Instant::now(), batch.clone()));
+                    async move { batch }
+                },
+            )
             .await;
             writes
         });
@@ -297,7 +322,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn records_a_millisecond_apart_share_writes_started_an_interval_apart() {
-        let (queue, writer) = start_gathering();
+        let (queue, writer) = start_gathering(MAX_BATCH);
         let start = Instant::now();
         for record in 0..20 {
             send(&queue, record);
@@ -321,7 +346,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_record_after_a_quiet_spell_is_written_at_once() {
-        let (queue, writer) = start_gathering();
+        let (queue, writer) = start_gathering(MAX_BATCH);
         send(&queue, 1);
         tokio::time::sleep(INTERVAL * 3).await;
         let alone = Instant::now();
@@ -335,7 +360,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn close_writes_everything_queued_within_one_interval() {
-        let (queue, writer) = start_gathering();
+        let (queue, writer) = start_gathering(MAX_BATCH);
         send(&queue, 1);
         tokio::task::yield_now().await;
         let closing = Instant::now();
@@ -350,16 +375,49 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_full_batch_does_not_hold_back_the_next() {
-        let (queue, writer) = start_gathering();
+        let (queue, writer) = start_gathering(3);
         let start = Instant::now();
-        let records = MAX_BATCH as u32 * 2 + 1;
-        for record in 0..records {
+        for record in 0..7 {
             send(&queue, record);
         }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        // The last write was not full, so this one waits for the interval.
+        send(&queue, 7);
         close(&queue).await;
         let writes = writer.await.unwrap();
-        let sizes: Vec<_> = writes.iter().map(|(_, b)| b.len()).collect();
-        assert_eq!(sizes, vec![MAX_BATCH, MAX_BATCH, 1]);
-        assert!(writes.iter().all(|(at, _)| *at == start), "{writes:?}");
+        let batches: Vec<_> = writes.iter().map(|(_, b)| b.clone()).collect();
+        assert_eq!(
+            batches,
+            vec![vec![0, 1, 2], vec![3, 4, 5], vec![6], vec![7]]
+        );
+        assert!(writes[..3].iter().all(|(at, _)| *at == start), "{writes:?}");
+        assert_eq!(writes[3].0, start + INTERVAL);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn close_writes_what_is_queued_behind_it_at_once_in_batches_of_the_limit() {
+        let (queue, writer) = start_gathering(2);
+        send(&queue, 0);
+        tokio::task::yield_now().await;
+        let closing = Instant::now();
+        let (done, closed) = oneshot::channel();
+        assert!(queue.send(Message::Close(done)).is_ok());
+        // Requests that finished while the server was stopping.
+        for record in 1..6 {
+            send(&queue, record);
+        }
+        closed.await.expect("the writer answers Close");
+        assert_eq!(Instant::now(), closing);
+        let writes = writer.await.unwrap();
+        let batches: Vec<_> = writes.iter().map(|(_, b)| b.clone()).collect();
+        assert_eq!(batches, vec![vec![0], vec![1, 2], vec![3, 4], vec![5]]);
+    }
+
+    #[test]
+    fn a_batch_leaves_room_in_the_smallest_subscriber_channel() {
+        assert_eq!(batch_limit(1024), 256);
+        assert_eq!(batch_limit(100), 25);
+        assert_eq!(batch_limit(3), 1);
+        assert_eq!(batch_limit(1 << 20), MAX_BATCH);
     }
 }

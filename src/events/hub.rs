@@ -73,6 +73,9 @@ pub trait EventBus: Send + Sync + 'static {
     /// Applies new sizes (after a configuration reload): subscribers from
     /// now on get `channel_capacity`; existing ones keep theirs.
     fn resize(&self, channel_capacity: usize, history_size: usize);
+    /// The fewest events any current subscriber may fall behind before it
+    /// lags: what a producer publishing in bursts must keep its bursts under.
+    fn smallest_channel_capacity(&self) -> usize;
 }
 
 /// The handle producers and connections hold.
@@ -116,6 +119,10 @@ impl EventHub {
     pub fn resize(&self, channel_capacity: usize, history_size: usize) {
         self.bus.resize(channel_capacity, history_size)
     }
+
+    pub fn smallest_channel_capacity(&self) -> usize {
+        self.bus.smallest_channel_capacity()
+    }
 }
 
 #[derive(Serialize)]
@@ -141,8 +148,9 @@ struct LocalState {
     /// The channel new subscribers join, and its capacity.
     sender: broadcast::Sender<Arc<StoredEvent>>,
     channel_capacity: usize,
-    /// Channels of an earlier capacity, kept while they have subscribers.
-    retired: Vec<broadcast::Sender<Arc<StoredEvent>>>,
+    /// Channels of an earlier capacity, kept while they have subscribers,
+    /// with their capacities.
+    retired: Vec<(broadcast::Sender<Arc<StoredEvent>>, usize)>,
 }
 
 impl LocalBus {
@@ -207,7 +215,7 @@ impl EventBus for LocalBus {
         if !state.retired.is_empty() {
             state
                 .retired
-                .retain(|sender| sender.send(event.clone()).is_ok());
+                .retain(|(sender, _)| sender.send(event.clone()).is_ok());
         }
         event
     }
@@ -271,15 +279,28 @@ impl EventBus for LocalBus {
         let channel_capacity = channel_capacity.max(1);
         if channel_capacity != state.channel_capacity {
             let old = std::mem::replace(&mut state.sender, broadcast::channel(channel_capacity).0);
-            state.channel_capacity = channel_capacity;
+            let old_capacity = std::mem::replace(&mut state.channel_capacity, channel_capacity);
             if old.receiver_count() > 0 {
-                state.retired.push(old);
+                state.retired.push((old, old_capacity));
             }
         }
         state.history_size = history_size;
         while state.history.len() > history_size {
             state.history.pop_front();
         }
+    }
+
+    fn smallest_channel_capacity(&self) -> usize {
+        let mut state = self.lock();
+        // A retired channel whose last subscriber left no longer counts.
+        state
+            .retired
+            .retain(|(sender, _)| sender.receiver_count() > 0);
+        state
+            .retired
+            .iter()
+            .map(|(_, capacity)| *capacity)
+            .fold(state.channel_capacity, usize::min)
     }
 }
 
@@ -416,6 +437,21 @@ mod tests {
                 oldest_available: Some(ids[2])
             }
         );
+    }
+
+    #[test]
+    fn the_smallest_channel_capacity_counts_retired_channels_while_they_have_subscribers() {
+        let hub = EventHub::local(64, 8);
+        assert_eq!(hub.smallest_channel_capacity(), 64);
+        let old = hub.subscribe(None);
+        hub.resize(1024, 8);
+        assert_eq!(hub.smallest_channel_capacity(), 64);
+        hub.resize(256, 8);
+        assert_eq!(hub.smallest_channel_capacity(), 64);
+        drop(old);
+        assert_eq!(hub.smallest_channel_capacity(), 256);
+        hub.resize(0, 8);
+        assert_eq!(hub.smallest_channel_capacity(), 1);
     }
 
     #[test]

@@ -73,6 +73,10 @@ impl Store {
         let pool = AnyPoolOptions::new()
             .max_connections(if backend == Backend::Sqlite { 4 } else { 16 })
             .acquire_timeout(Duration::from_secs(5))
+            // A SQLite connection is a file handle in this process: pinging
+            // it before each use only costs two thread hand-offs (sqlx runs
+            // it on its own thread). A server connection can break unseen.
+            .test_before_acquire(backend == Backend::Postgres)
             .after_connect(move |conn, _meta| {
                 Box::pin(async move {
                     if backend == Backend::Sqlite {
