@@ -58,6 +58,8 @@ pub struct Subscription {
     pub receiver: broadcast::Receiver<Arc<StoredEvent>>,
     /// The id of the newest event published before the live part begins.
     pub last_id: u64,
+    /// How many events `receiver` may fall behind before it lags.
+    pub channel_capacity: usize,
 }
 
 /// The transport behind [`EventHub`].
@@ -253,6 +255,7 @@ impl EventBus for LocalBus {
             resume,
             receiver,
             last_id,
+            channel_capacity: state.channel_capacity,
         }
     }
 

@@ -105,6 +105,8 @@ pub struct StreamSession {
     pub filter: StreamFilter,
     hub: EventHub,
     receiver: tokio::sync::broadcast::Receiver<Arc<StoredEvent>>,
+    /// How many events `receiver` may fall behind before it lags.
+    channel_capacity: usize,
     /// The newest event id this session has passed (delivered or filtered
     /// out), so a lag can say where to resume from.
     last_seen: u64,
@@ -124,6 +126,7 @@ impl StreamSession {
             resume,
             receiver,
             last_id,
+            channel_capacity,
         } = hub.subscribe(since);
         let connection_id = Uuid::new_v4();
         let mut opening = vec![control(
@@ -167,6 +170,7 @@ impl StreamSession {
             filter,
             hub: hub.clone(),
             receiver,
+            channel_capacity,
             last_seen: last_id,
         };
         (session, opening)
@@ -180,6 +184,13 @@ impl StreamSession {
                 return Ok(out);
             }
         }
+    }
+
+    /// Whether the events waiting for this session fill under a quarter of
+    /// its channel, so that it can wait a little before draining them
+    /// without coming near a lag.
+    pub fn backlog_is_small(&self) -> bool {
+        self.receiver.len() < self.channel_capacity / 4
     }
 
     /// The next wanted frame if one is ready now, for draining a burst into
@@ -226,5 +237,38 @@ impl StreamSession {
             }
             Err(_) => Err(SessionEnd::HubClosed),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::model::{SystemStartup, TopicSet, TypeSet};
+
+    #[test]
+    fn the_backlog_is_small_below_a_quarter_of_the_channel() {
+        let hub = EventHub::local(16, 0);
+        let filter = StreamFilter {
+            identity: Identity::Anonymous,
+            topics: TopicSet::all(),
+            types: TypeSet::default(),
+        };
+        let (mut session, _) = StreamSession::open(&hub, filter, None);
+        let publish = || {
+            hub.publish(SystemStartup {
+                version: "1".into(),
+                node: "n".into(),
+                listen: "x".into(),
+            })
+        };
+        assert!(session.backlog_is_small());
+        for _ in 0..3 {
+            publish();
+        }
+        assert!(session.backlog_is_small(), "3 of 16 waiting");
+        publish();
+        assert!(!session.backlog_is_small(), "4 of 16 waiting");
+        assert!(session.try_next().unwrap().is_some());
+        assert!(session.backlog_is_small(), "3 of 16 waiting again");
     }
 }

@@ -18,6 +18,7 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::extract::rejection::QueryRejection;
@@ -51,6 +52,17 @@ const MAX_BATCH_BYTES: usize = 64 * 1024;
 /// A batch of fewer frames than this yields once for more before it is
 /// written: under load, fewer and fuller writes, with no timer.
 const SMALL_BATCH: usize = 16;
+/// Under sustained load (this connection wrote within the last
+/// [`BUSY_WINDOW`]) a connection woken by events writes them only after its
+/// phase: 0 to `SPREAD_SLOTS - 1` ms, by the order connections opened in,
+/// taking further events into the batch meanwhile. A burst of events (the
+/// ledger publishes a batch at most every 10 ms) then makes the
+/// subscribers' writes over several milliseconds instead of all at once,
+/// so requests are not queued behind a hundred writes, and each write
+/// carries more events. Not when a quarter of the channel is already
+/// waiting, and never past [`MAX_BATCH_BYTES`].
+const SPREAD_SLOTS: u64 = 8;
+const BUSY_WINDOW: Duration = Duration::from_millis(20);
 /// Bytes read from the socket at a time. Clients send little (pongs,
 /// subscribe messages); an idle connection keeps this much.
 const READ_CHUNK: usize = 2 * 1024;
@@ -134,6 +146,8 @@ async fn run_connection(state: AppState, admission: Admission, socket: Upgraded)
         input: BytesMut::new(),
         output: Vec::new(),
         delivered: metrics::counter!("tollgate_stream_frames_delivered_total", "transport" => "websocket"),
+        phase: next_phase(),
+        last_write: None,
         ping_interval: Duration::from_secs(settings.ping_interval_secs),
         pong_timeout,
     };
@@ -170,6 +184,10 @@ struct Connection<'a> {
     /// Frames waiting to be written, in order.
     output: Vec<u8>,
     delivered: metrics::Counter,
+    /// How long this connection waits before a batch under load.
+    phase: Duration,
+    /// When this connection last wrote.
+    last_write: Option<Instant>,
     ping_interval: Duration,
     pong_timeout: Duration,
 }
@@ -280,6 +298,24 @@ impl Connection<'_> {
                     let mut events = 0;
                     let mut frames = 1;
                     self.put(&first, &mut events);
+                    if let Some(wait) = self.spread_wait() {
+                        // The write waits for the phase; the events do not:
+                        // they are taken as they come, so the channel never
+                        // fills meanwhile.
+                        let pause = tokio::time::sleep(wait);
+                        tokio::pin!(pause);
+                        while self.output.len() < MAX_BATCH_BYTES {
+                            tokio::select! {
+                                biased;
+                                _ = &mut pause => break,
+                                next = self.session.next() => {
+                                    let Ok(out) = next else { return End::HubClosed };
+                                    self.put(&out, &mut events);
+                                    frames += 1;
+                                }
+                            }
+                        }
+                    }
                     let mut yielded = false;
                     while self.output.len() < MAX_BATCH_BYTES {
                         match self.session.try_next() {
@@ -307,6 +343,13 @@ impl Connection<'_> {
         }
     }
 
+    /// How long to wait before draining a batch: the connection's phase
+    /// while it is busy, nothing when it was idle or has much to send.
+    fn spread_wait(&self) -> Option<Duration> {
+        let busy = self.last_write.is_some_and(|at| at.elapsed() < BUSY_WINDOW);
+        (busy && !self.phase.is_zero() && self.session.backlog_is_small()).then_some(self.phase)
+    }
+
     /// Frames one outgoing message into the write buffer as a text frame.
     fn put(&mut self, out: &Outgoing, events: &mut u64) {
         put_frame(
@@ -325,6 +368,7 @@ impl Connection<'_> {
         if self.output.is_empty() {
             return Ok(());
         }
+        self.last_write = Some(Instant::now());
         let socket = &mut self.socket;
         let output = &self.output;
         let write = async {
@@ -503,6 +547,12 @@ fn too_big() -> Received {
         "message larger than 64 KiB",
         End::TooBig,
     )
+}
+
+/// The next connection's phase (see [`SPREAD_SLOTS`]).
+fn next_phase() -> Duration {
+    static OPENED: AtomicU64 = AtomicU64::new(0);
+    Duration::from_millis(OPENED.fetch_add(1, Ordering::Relaxed) % SPREAD_SLOTS)
 }
 
 /// Appends one unmasked, final frame (RFC 6455 §5.2): the header, then the
