@@ -9,8 +9,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
-use support::{wait_until, Workspace, DEADLINE};
+use support::{get_json, post_chat, wait_until, Workspace, DEADLINE};
 use tollgate::ledger::MIN_COMMIT_INTERVAL;
 
 /// `tollgate_ledger_records_total` and `tollgate_ledger_transactions_total`
@@ -104,15 +103,7 @@ async fn a_burst_of_requests_is_counted_whole_in_transactions_an_interval_apart(
     );
 
     // Nothing lost or doubled: the ledger's own totals agree.
-    let usage: Value = http
-        .get(format!("{base}/admin/v1/usage"))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let usage = get_json(&format!("{base}/admin/v1/usage"), &key).await;
     assert_eq!(usage["totals"]["requests"], REQUESTS + 1, "{usage}");
 
     // After a quiet spell, one request is one transaction of its own.
@@ -130,12 +121,8 @@ async fn a_burst_of_requests_is_counted_whole_in_transactions_an_interval_apart(
 
 /// One chat request to the built-in mock model; its status.
 async fn chat(http: &reqwest::Client, base: &str, key: &str, n: u64) -> u16 {
-    http.post(format!("{base}/v1/chat/completions"))
-        .bearer_auth(key)
-        .json(&json!({"model": "mock-1", "messages": [{"role": "user", "content": format!("request {n}")}]}))
-        .send()
+    post_chat(http, base, key, "mock-1", &format!("request {n}"))
         .await
-        .expect("the gateway answers")
         .status()
         .as_u16()
 }

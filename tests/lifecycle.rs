@@ -6,7 +6,9 @@ mod support;
 
 use reqwest::StatusCode;
 use serde_json::Value;
-use support::{free_port, wait_until, TestDb, TestServer, TollgateProcess, Workspace, DEADLINE};
+use support::{
+    free_port, get_json, wait_until, TestDb, TestServer, TollgateProcess, Workspace, DEADLINE,
+};
 
 /// Starts `tollgate serve` on a free port of 127.0.0.1 with the workspace's
 /// database, waits until `/health` answers and the startup log has been
@@ -53,15 +55,7 @@ async fn first_start_prints_a_bootstrap_key_once_and_signals_stop_the_gateway_wi
     assert!(stderr.contains("`bootstrap`"), "{stderr}");
 
     // The printed key is the admin key of this database.
-    let listed: Value = reqwest::Client::new()
-        .get(format!("{base}/admin/v1/keys"))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let listed = get_json(&format!("{base}/admin/v1/keys"), &key).await;
     assert_eq!(listed["data"].as_array().map(Vec::len), Some(1), "{listed}");
     assert_eq!(listed["data"][0]["name"], "bootstrap");
 

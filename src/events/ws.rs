@@ -346,8 +346,9 @@ impl Connection<'_> {
     /// How long to wait before draining a batch: the connection's phase
     /// while it is busy, nothing when it was idle or has much to send.
     fn spread_wait(&self) -> Option<Duration> {
-        let busy = self.last_write.is_some_and(|at| at.elapsed() < BUSY_WINDOW);
-        (busy && !self.phase.is_zero() && self.session.backlog_is_small()).then_some(self.phase)
+        spread_wait(self.phase, self.last_write.map(|at| at.elapsed()), || {
+            self.session.backlog_is_small()
+        })
     }
 
     /// Frames one outgoing message into the write buffer as a text frame.
@@ -549,6 +550,18 @@ fn too_big() -> Received {
     )
 }
 
+/// The spread's rule: wait `phase` when the last write was less than
+/// [`BUSY_WINDOW`] ago and the backlog is small; an idle connection (or
+/// one that never wrote) and phase 0 do not wait.
+fn spread_wait(
+    phase: Duration,
+    since_last_write: Option<Duration>,
+    backlog_is_small: impl FnOnce() -> bool,
+) -> Option<Duration> {
+    let busy = since_last_write.is_some_and(|elapsed| elapsed < BUSY_WINDOW);
+    (busy && !phase.is_zero() && backlog_is_small()).then_some(phase)
+}
+
 /// The next connection's phase (see [`SPREAD_SLOTS`]).
 fn next_phase() -> Duration {
     static OPENED: AtomicU64 = AtomicU64::new(0);
@@ -593,4 +606,38 @@ fn parse_topics(value: &Value) -> Result<Vec<Topic>, Outgoing> {
 enum WriteError {
     TimedOut,
     Closed,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_busy_connection_with_a_small_backlog_waits_its_phase() {
+        let phase = Duration::from_millis(3);
+        let recent = Some(Duration::from_millis(5));
+        assert_eq!(spread_wait(phase, recent, || true), Some(phase));
+        // Idle: never wrote, or not within the busy window.
+        assert_eq!(spread_wait(phase, None, || true), None);
+        assert_eq!(spread_wait(phase, Some(BUSY_WINDOW), || true), None);
+        // Much waiting already: write now.
+        assert_eq!(spread_wait(phase, recent, || false), None);
+        // Phase 0 never waits.
+        assert_eq!(spread_wait(Duration::ZERO, recent, || true), None);
+    }
+
+    #[test]
+    fn connections_take_the_phases_in_turn() {
+        let phases: Vec<u64> = (0..2 * SPREAD_SLOTS)
+            .map(|_| next_phase().as_millis() as u64)
+            .collect();
+        // Other tests may open connections meanwhile, so look at steps, not
+        // values: each phase is below SPREAD_SLOTS and most follow the last.
+        assert!(phases.iter().all(|p| *p < SPREAD_SLOTS), "{phases:?}");
+        let in_turn = phases
+            .windows(2)
+            .filter(|w| w[1] == (w[0] + 1) % SPREAD_SLOTS)
+            .count();
+        assert!(in_turn >= phases.len() / 2, "{phases:?}");
+    }
 }

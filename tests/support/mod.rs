@@ -39,6 +39,40 @@ pub const DEADLINE: Duration = Duration::from_secs(15);
 /// The environment variable naming a PostgreSQL server for tests.
 pub const POSTGRES_URL_VAR: &str = "TOLLGATE_TEST_POSTGRES_URL";
 
+/// `GET url` with `key` as the bearer token; asserts a 2xx answer and
+/// returns its JSON.
+pub async fn get_json(url: &str, key: &str) -> Value {
+    let response = reqwest::Client::new()
+        .get(url)
+        .bearer_auth(key)
+        .send()
+        .await
+        .expect("the gateway answers");
+    assert!(
+        response.status().is_success(),
+        "GET {url}: {}",
+        response.status()
+    );
+    response.json().await.expect("a JSON answer")
+}
+
+/// `POST BASE/v1/chat/completions` on `http` with `key` for `model` and one
+/// user message, `content`.
+pub async fn post_chat(
+    http: &reqwest::Client,
+    base: &str,
+    key: &str,
+    model: &str,
+    content: &str,
+) -> reqwest::Response {
+    http.post(format!("{base}/v1/chat/completions"))
+        .bearer_auth(key)
+        .json(&json!({"model": model, "messages": [{"role": "user", "content": content}]}))
+        .send()
+        .await
+        .expect("the gateway answers")
+}
+
 /// Polls `condition` every 20 ms until it holds; panics naming `what` if it
 /// does not within `timeout`.
 pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut condition: F)
@@ -281,30 +315,20 @@ impl TestServer {
 
     /// `GET path` with the bootstrap admin key; the JSON answer.
     pub async fn admin_get(&self, path: &str) -> Value {
-        let response = reqwest::Client::new()
-            .get(self.url(path))
-            .bearer_auth(&self.admin_key)
-            .send()
-            .await
-            .expect("the admin API answers");
-        assert!(
-            response.status().is_success(),
-            "GET {path}: {}",
-            response.status()
-        );
-        response.json().await.expect("a JSON answer")
+        get_json(&self.url(path), &self.admin_key).await
     }
 
     /// `POST /v1/chat/completions` with `key` for `model` and one user
     /// message, `content`.
     pub async fn chat(&self, key: &str, model: &str, content: &str) -> reqwest::Response {
-        reqwest::Client::new()
-            .post(self.url("/v1/chat/completions"))
-            .bearer_auth(key)
-            .json(&json!({"model": model, "messages": [{"role": "user", "content": content}]}))
-            .send()
-            .await
-            .expect("the gateway answers")
+        post_chat(
+            &reqwest::Client::new(),
+            &format!("http://{}", self.addr),
+            key,
+            model,
+            content,
+        )
+        .await
     }
 
     /// The one ledger row of a request, waiting (up to [`DEADLINE`]) for the
