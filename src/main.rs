@@ -9,6 +9,13 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tollgate::config::{self, Config, ConfigError};
 use tollgate::store::{Store, StoreError};
 
+/// mimalloc instead of glibc's malloc: the gateway frees on one thread what
+/// another allocated (request bodies, events, hyper buffers), and glibc then
+/// takes the owning arena's lock; under load its workers slept on that lock
+/// (BENCHMARKS.md, proxy overhead, 2026-12-02).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "tollgate",
