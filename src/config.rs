@@ -180,6 +180,12 @@ pub struct ServerConfig {
     pub node_name: Option<String>,
     /// Largest request body accepted on `/v1/*`; larger ones get 413.
     pub max_body_bytes: u64,
+    /// Threads for the ledger writer and event fan-out; 0: one per four
+    /// CPUs, at least one (see [`crate::events::runtime`]).
+    pub event_threads: u32,
+    /// How many nice steps below the request path those threads run
+    /// (0–19; Linux only, elsewhere they keep the process's priority).
+    pub event_thread_nice: u8,
 }
 
 impl Default for ServerConfig {
@@ -189,9 +195,14 @@ impl Default for ServerConfig {
             shutdown_timeout_secs: 10,
             node_name: None,
             max_body_bytes: 10 * 1024 * 1024,
+            event_threads: 0,
+            event_thread_nice: 10,
         }
     }
 }
+
+/// More event threads than this is a typo, not a setting.
+pub const MAX_EVENT_THREADS: u32 = 256;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -639,6 +650,18 @@ impl Config {
                 "must be at least 1024 bytes".to_owned(),
             );
         }
+        if self.server.event_threads > MAX_EVENT_THREADS {
+            return fail(
+                "server.event_threads",
+                format!("must be at most {MAX_EVENT_THREADS} (0: one per four CPUs)"),
+            );
+        }
+        if self.server.event_thread_nice > 19 {
+            return fail(
+                "server.event_thread_nice",
+                "must be between 0 (the request path's priority) and 19 (the lowest)".to_owned(),
+            );
+        }
         if self.server.shutdown_timeout_secs == 0 {
             return fail(
                 "server.shutdown_timeout_secs",
@@ -1029,6 +1052,30 @@ mod tests {
             Some("features.websocket.channel_capacity")
         );
         assert_eq!(err.position, Some((2, 1)));
+    }
+
+    #[test]
+    fn event_thread_settings_have_defaults_and_bounds() {
+        let config = parse_text("[server]\nevent_threads = 2\nevent_thread_nice = 0\n").unwrap();
+        assert_eq!(
+            (config.server.event_threads, config.server.event_thread_nice),
+            (2, 0)
+        );
+        let defaults = ServerConfig::default();
+        assert_eq!(
+            (defaults.event_threads, defaults.event_thread_nice),
+            (0, 10)
+        );
+        let err = validation_error("[server]\nevent_thread_nice = 20\n");
+        assert_eq!(err.key.as_deref(), Some("server.event_thread_nice"));
+        assert_eq!(err.position, Some((2, 1)));
+        assert!(err.message.contains("between 0"), "{err}");
+        let err = validation_error("[server]\nevent_threads = 1000\n");
+        assert_eq!(err.key.as_deref(), Some("server.event_threads"));
+        assert!(err.message.contains("at most 256"), "{err}");
+        // A negative nice would raise the priority: not a number this key takes.
+        let err = validation_error("[server]\nevent_thread_nice = -5\n");
+        assert_eq!(err.key.as_deref(), Some("server.event_thread_nice"));
     }
 
     #[test]

@@ -74,10 +74,16 @@ pub struct RequestLedger {
 }
 
 impl RequestLedger {
-    /// Starts the writer task.
-    pub fn start(store: Store, hub: EventHub, book: Arc<BudgetBook>) -> RequestLedger {
+    /// Starts the writer task on `runtime` (the event runtime: the writer
+    /// publishes every request's events).
+    pub fn start(
+        store: Store,
+        hub: EventHub,
+        book: Arc<BudgetBook>,
+        runtime: &tokio::runtime::Handle,
+    ) -> RequestLedger {
         let (queue, receiver) = mpsc::unbounded_channel();
-        tokio::spawn(write_loop(store, hub, book, receiver));
+        runtime.spawn(write_loop(store, hub, book, receiver));
         RequestLedger { queue }
     }
 

@@ -5,8 +5,9 @@
 //! says why.
 //!
 //! `[features.websocket]` changes apply to streams opened after the reload.
-//! `server.listen` and `database.url` are swapped in but take effect only at
-//! the next start; a warning says so.
+//! `server.listen`, `database.url`, `server.event_threads` and
+//! `server.event_thread_nice` are swapped in but take effect only at the
+//! next start; a warning says so.
 
 use crate::config::{self, ConfigError};
 use crate::events::model::{ConfigReloadFailed, ConfigReloaded};
@@ -48,9 +49,13 @@ pub async fn reload(state: &AppState) -> Result<Vec<String>, ConfigError> {
         Ok((new, routing, guardrails)) => {
             let old = state.config.load_full();
             let changed = old.changed_sections(&new);
-            if old.server.listen != new.server.listen || old.database != new.database {
+            if old.server.listen != new.server.listen
+                || old.database != new.database
+                || old.server.event_threads != new.server.event_threads
+                || old.server.event_thread_nice != new.server.event_thread_nice
+            {
                 tracing::warn!(
-                    "server.listen and database.url changes take effect at the next start"
+                    "server.listen, database.url and server.event_thread* changes take effect at the next start"
                 );
             }
             let ws = &new.features.websocket;

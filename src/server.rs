@@ -30,6 +30,7 @@ use crate::config::Config;
 use crate::error::ApiError;
 use crate::events::admission::StreamSlots;
 use crate::events::model::{SystemShutdown, SystemStartup};
+use crate::events::runtime::{EventRuntime, StreamTasks};
 use crate::events::EventHub;
 use crate::guardrails::Guardrails;
 use crate::ledger::RequestLedger;
@@ -53,8 +54,9 @@ pub struct AppStateInner {
     /// This node's name in `system.*` events.
     pub node: String,
     pub stream_slots: Arc<StreamSlots>,
-    /// Every event-stream task, so shutdown can wait for their close frames.
-    pub stream_tasks: TaskTracker,
+    /// Every event-stream task, on the event runtime; shutdown waits for
+    /// their close frames.
+    pub stream_tasks: StreamTasks,
     /// Cancelled once, when the server starts shutting down.
     pub shutdown: CancellationToken,
     pub revocations: KeyRevocations,
@@ -73,6 +75,9 @@ pub struct AppStateInner {
     pub budget_book: Arc<BudgetBook>,
     /// The time budgets and the ledger go by.
     pub clock: Arc<Clock>,
+    /// Threads of the ledger writer and the event streams (last: stopped
+    /// once everything above is gone).
+    pub event_runtime: EventRuntime,
 }
 
 impl Deref for AppState {
@@ -84,7 +89,8 @@ impl Deref for AppState {
 }
 
 impl AppState {
-    /// Builds the state; fails only if a provider cannot be built.
+    /// Builds the state and starts the event runtime; fails if a provider
+    /// cannot be built or the runtime's threads cannot be started.
     pub fn new(
         config: Config,
         config_path: Option<PathBuf>,
@@ -97,7 +103,15 @@ impl AppState {
         let guardrails = Guardrails::compile(&config.guardrails).map_err(anyhow::Error::msg)?;
         let node = config.server.node_name.clone().unwrap_or_else(host_name);
         let budget_book = Arc::new(BudgetBook::default());
-        let ledger = RequestLedger::start(store.clone(), hub.clone(), budget_book.clone());
+        let event_runtime = EventRuntime::from_config(&config.server)
+            .context("cannot start the event threads (server.event_threads)")?;
+        let ledger = RequestLedger::start(
+            store.clone(),
+            hub.clone(),
+            budget_book.clone(),
+            event_runtime.handle(),
+        );
+        let stream_tasks = StreamTasks::new(&event_runtime);
         Ok(AppState(Arc::new(AppStateInner {
             config: ArcSwap::from_pointee(config),
             config_path,
@@ -105,7 +119,7 @@ impl AppState {
             hub,
             node,
             stream_slots: Arc::default(),
-            stream_tasks: TaskTracker::new(),
+            stream_tasks,
             shutdown: CancellationToken::new(),
             revocations: KeyRevocations::default(),
             key_cache: KeyCache::default(),
@@ -116,6 +130,7 @@ impl AppState {
             ledger,
             budget_book,
             clock: Arc::default(),
+            event_runtime,
         })))
     }
 }

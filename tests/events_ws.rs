@@ -722,3 +722,25 @@ async fn metrics_count_streams_events_and_rejections() {
     }
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn connections_and_the_ledger_writer_run_on_the_event_threads() {
+    let server = TestServer::start(|config| config.server.event_threads = 2).await;
+    let metrics = server.state.event_runtime.handle().metrics();
+    assert_eq!(metrics.num_workers(), 2);
+    // The ledger's writer is the one task there before any stream.
+    let idle = metrics.num_alive_tasks();
+    assert_eq!(idle, 1, "the ledger writer alone");
+    let (client, _) =
+        WsClient::open(server.addr, &format!("token={}", server.admin_key), None).await;
+    wait_until("the connection's task runs there", DEADLINE, || async {
+        metrics.num_alive_tasks() == idle + 1
+    })
+    .await;
+    drop(client);
+    wait_until("the task ends with the connection", DEADLINE, || async {
+        metrics.num_alive_tasks() == idle
+    })
+    .await;
+    server.shutdown().await;
+}

@@ -6,6 +6,7 @@ pub mod admission;
 pub mod credential;
 pub mod hub;
 pub mod model;
+pub mod runtime;
 pub mod session;
 pub mod sse;
 pub mod upgrade;

@@ -15,9 +15,9 @@ use axum::response::{IntoResponse, Response};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_util::task::TaskTracker;
 
 use crate::error::ApiError;
+use crate::events::runtime::StreamTasks;
 
 /// The upgraded connection: bytes in both directions.
 pub type Upgraded = TokioIo<hyper::upgrade::Upgraded>;
@@ -50,7 +50,7 @@ impl Upgrade {
     /// upgraded bytes, in a task of `tasks`, once the client has received
     /// that answer. A client that goes away before the upgrade completes
     /// ends the task without running `connection`.
-    pub fn on_upgrade<F, Fut>(self, tasks: &TaskTracker, connection: F) -> Response
+    pub fn on_upgrade<F, Fut>(self, tasks: &StreamTasks, connection: F) -> Response
     where
         F: FnOnce(Upgraded) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
