@@ -120,6 +120,12 @@ struct Args {
     /// Worker threads of the server's runtime.
     #[arg(long, default_value_t = 2)]
     server_threads: usize,
+    /// `[server] event_threads` of the server (0: one per four CPUs).
+    #[arg(long, default_value_t = 0)]
+    event_threads: u32,
+    /// `[server] event_thread_nice` of the server.
+    #[arg(long, default_value_t = 10)]
+    event_thread_nice: u8,
     /// Worker threads of the clients' runtime.
     #[arg(long, default_value_t = 2)]
     client_threads: usize,
@@ -578,6 +584,8 @@ impl RunningServer {
         config.server.listen = "127.0.0.1:0".to_owned();
         config.server.shutdown_timeout_secs = 5;
         config.server.node_name = Some("events-bench".to_owned());
+        config.server.event_threads = args.event_threads;
+        config.server.event_thread_nice = args.event_thread_nice;
         config.database.url = format!("sqlite://{}", dir.join("bench.db").display());
         let ws = &mut config.features.websocket;
         ws.enabled = true;
