@@ -9,7 +9,7 @@
 //! requests and set their latency tail; on its own lower-priority threads
 //! the kernel runs a request first whenever both are ready, and the events
 //! follow in the idle time between (BENCHMARKS.md, proxy overhead,
-//! 2026-12-02 afternoon). Events stay far inside their 100 ms, since the
+//! 2026-12-02 13:30–14:57 UTC). Events stay far inside their 100 ms, since the
 //! gateway is rarely short of CPU for long; a lower priority is a weight,
 //! not a ban, so a saturated gateway still delivers them, later.
 
