@@ -121,10 +121,10 @@ struct Args {
     #[arg(long, default_value_t = 2)]
     server_threads: usize,
     /// `[server] event_threads` of the server (0: one per four CPUs).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = tollgate::config::ServerConfig::default().event_threads)]
     event_threads: u32,
     /// `[server] event_thread_nice` of the server.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = tollgate::config::ServerConfig::default().event_thread_nice)]
     event_thread_nice: u8,
     /// Worker threads of the clients' runtime.
     #[arg(long, default_value_t = 2)]
