@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::admission::{self, Admission, StreamQuery, Transport};
+use super::admission::{self, Admission, StreamQuery, StreamSlot, Transport};
 use super::credential::CredentialWatch;
 use super::session::{self, Outgoing, StreamSession};
 use crate::error::ApiError;
@@ -41,10 +41,19 @@ pub async fn sse_events(
         };
     let keepalive = Duration::from_secs(admission.settings.ping_interval_secs);
     let (tx, rx) = mpsc::channel(BUFFER);
+    // Subscribed here, not in the task: every event published after the
+    // response begins reaches the stream, however late the task first runs.
+    let Admission {
+        filter,
+        since,
+        slot,
+        ..
+    } = admission;
+    let opened = StreamSession::open(&state.hub, filter, since);
     state
         .stream_tasks
         .clone()
-        .spawn(run_stream(state, admission, tx));
+        .spawn(run_stream(state, opened, slot, tx));
     Sse::new(ReceiverStream::new(rx))
         .keep_alive(KeepAlive::new().interval(keepalive).text("keepalive"))
         .into_response()
@@ -69,15 +78,13 @@ async fn send(tx: &Sender, out: &Outgoing) -> bool {
     sent
 }
 
-async fn run_stream(state: AppState, admission: Admission, tx: Sender) {
-    let Admission {
-        filter,
-        since,
-        slot,
-        ..
-    } = admission;
-    let mut credential = CredentialWatch::new(&state, &filter.identity);
-    let (mut session, opening) = StreamSession::open(&state.hub, filter, since);
+async fn run_stream(
+    state: AppState,
+    (mut session, opening): (StreamSession, Vec<Outgoing>),
+    slot: StreamSlot,
+    tx: Sender,
+) {
+    let mut credential = CredentialWatch::new(&state, &session.filter.identity);
     for out in &opening {
         if !send(&tx, out).await {
             return;

@@ -36,7 +36,7 @@ use tokio_tungstenite::tungstenite::protocol::{
 };
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
-use super::admission::{self, Admission, StreamQuery, Transport};
+use super::admission::{self, Admission, StreamQuery, StreamSlot, Transport};
 use super::credential::CredentialWatch;
 use super::model::Topic;
 use super::session::{self, Outgoing, StreamSession};
@@ -102,9 +102,19 @@ pub async fn ws_events(
         Ok(upgrade) => upgrade,
         Err(refusal) => return refusal.into_response(),
     };
+    // Subscribed before the 101 answer: every event published after the
+    // handshake reaches the connection, however late its task first runs
+    // on the event threads.
+    let Admission {
+        filter,
+        since,
+        slot,
+        settings,
+    } = admission;
+    let opened = StreamSession::open(&state.hub, filter, since);
     let tasks = state.stream_tasks.clone();
     upgrade.on_upgrade(&tasks, move |socket| {
-        run_connection(state, admission, socket)
+        run_connection(state, opened, slot, settings, socket)
     })
 }
 
@@ -120,15 +130,14 @@ enum End {
     HubClosed,
 }
 
-async fn run_connection(state: AppState, admission: Admission, socket: Upgraded) {
-    let Admission {
-        filter,
-        since,
-        slot,
-        settings,
-    } = admission;
-    let key_id = filter.identity.key_id();
-    let (session, opening) = StreamSession::open(&state.hub, filter, since);
+async fn run_connection(
+    state: AppState,
+    (session, opening): (StreamSession, Vec<Outgoing>),
+    slot: StreamSlot,
+    settings: crate::config::WebSocketConfig,
+    socket: Upgraded,
+) {
+    let key_id = session.filter.identity.key_id();
     let connection_id = session.connection_id;
     tracing::debug!(%connection_id, key_id = ?key_id, "event stream opened (websocket)");
     let pong_timeout = Duration::from_secs(settings.pong_timeout_secs);
