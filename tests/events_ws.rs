@@ -757,3 +757,27 @@ async fn connections_and_the_ledger_writer_run_on_the_event_threads() {
     .await;
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_event_published_right_after_the_handshake_reaches_a_connection_whose_task_runs_late() {
+    let server = TestServer::start(|config| config.server.event_threads = 1).await;
+    // Hold the event runtime's only thread, so the connection's task cannot
+    // run until the event below has been published.
+    let (release, held) = std::sync::mpsc::channel::<()>();
+    server.state.event_runtime.handle().spawn(async move {
+        let _ = held.recv();
+    });
+    let mut client = WsClient::connect(server.addr, &format!("token={}", server.admin_key), None)
+        .await
+        .expect("the handshake completes without the task");
+    let published = server.state.hub.publish(ConfigReloaded {
+        changed_sections: vec!["late".into()],
+    });
+    release.send(()).unwrap();
+    let connected = client.next_json().await;
+    assert_eq!(connected["type"], "connected");
+    let event = client.next_json().await;
+    assert_eq!(event["type"], "system.config_reloaded");
+    assert_eq!(id_of(&event), published.id);
+    server.shutdown().await;
+}
