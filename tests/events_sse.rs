@@ -189,3 +189,25 @@ async fn a_revoked_key_ends_its_stream_with_an_error_event() {
     assert_eq!(sse.next_event().await, None);
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_event_published_right_after_the_response_head_reaches_a_stream_whose_task_runs_late() {
+    let server = TestServer::start(|config| config.server.event_threads = 1).await;
+    // Hold the event runtime's only thread, so the stream's task cannot run
+    // until the event below has been published.
+    let (release, held) = std::sync::mpsc::channel::<()>();
+    server.state.event_runtime.handle().spawn(async move {
+        let _ = held.recv();
+    });
+    let mut sse = SseClient::connect(&server.url("/events/stream"), &[])
+        .await
+        .expect("the response head is sent without the task");
+    let published = server.state.hub.publish(marker(7));
+    release.send(()).unwrap();
+    let connected = sse.next_event().await.unwrap();
+    assert_eq!(connected.event.as_deref(), Some("connected"));
+    let event = sse.next_event().await.unwrap();
+    assert_eq!(event.id, Some(published.id.to_string()));
+    assert_eq!(event.data["payload"]["node"], "marker-7");
+    server.shutdown().await;
+}
