@@ -192,13 +192,8 @@ async fn a_revoked_key_ends_its_stream_with_an_error_event() {
 
 #[tokio::test]
 async fn an_event_published_right_after_the_response_head_reaches_a_stream_whose_task_runs_late() {
-    let server = TestServer::start(|config| config.server.event_threads = 1).await;
-    // Hold the event runtime's only thread, so the stream's task cannot run
-    // until the event below has been published.
-    let (release, held) = std::sync::mpsc::channel::<()>();
-    server.state.event_runtime.handle().spawn(async move {
-        let _ = held.recv();
-    });
+    // The task cannot run until the event below has been published.
+    let (server, release) = TestServer::start_with_event_thread_held().await;
     let mut sse = SseClient::connect(&server.url("/events/stream"), &[])
         .await
         .expect("the response head is sent without the task");

@@ -760,13 +760,8 @@ async fn connections_and_the_ledger_writer_run_on_the_event_threads() {
 
 #[tokio::test]
 async fn an_event_published_right_after_the_handshake_reaches_a_connection_whose_task_runs_late() {
-    let server = TestServer::start(|config| config.server.event_threads = 1).await;
-    // Hold the event runtime's only thread, so the connection's task cannot
-    // run until the event below has been published.
-    let (release, held) = std::sync::mpsc::channel::<()>();
-    server.state.event_runtime.handle().spawn(async move {
-        let _ = held.recv();
-    });
+    // The task cannot run until the event below has been published.
+    let (server, release) = TestServer::start_with_event_thread_held().await;
     let mut client = WsClient::connect(server.addr, &format!("token={}", server.admin_key), None)
         .await
         .expect("the handshake completes without the task");

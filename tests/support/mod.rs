@@ -257,6 +257,18 @@ impl TestServer {
         }
     }
 
+    /// Starts a server with one event thread and holds that thread until
+    /// the returned sender sends (or is dropped): a connection's task
+    /// cannot run meanwhile, as when the event threads are busy.
+    pub async fn start_with_event_thread_held() -> (TestServer, std::sync::mpsc::Sender<()>) {
+        let server = TestServer::start(|config| config.server.event_threads = 1).await;
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        server.state.event_runtime.handle().spawn(async move {
+            let _ = held.recv();
+        });
+        (server, release)
+    }
+
     /// `http://127.0.0.1:PORT` followed by `path` (which starts with `/`).
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
