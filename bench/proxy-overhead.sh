@@ -25,6 +25,9 @@
 #   WAIT_QUIET [0]       before each rate, wait up to this many seconds for the
 #                        machine to be quiet (< 0.3 cores busy over 2 s)
 #   KEEP [0]             1: keep the work directory (config, DB, oha JSON, logs)
+#   OHA_DB [0]           1: oha also writes every request of each measured run
+#                        (start, duration) to NAME.sqlite in the work directory,
+#                        to see when the slow ones happen (use with KEEP=1)
 #   OHA [oha on PATH, else ~/.cargo/bin/oha]
 #   TOLLGATE_BIN [target/release/tollgate]  the gateway to measure (e.g. a
 #                        patched build, to compare a change)
@@ -46,6 +49,7 @@ PERF=${PERF:-0}
 SUBSCRIBER_NICE=${SUBSCRIBER_NICE:-0}
 WAIT_QUIET=${WAIT_QUIET:-0}
 KEEP=${KEEP:-0}
+OHA_DB=${OHA_DB:-0}
 OHA=${OHA:-$(command -v oha || echo "$HOME/.cargo/bin/oha")}
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -219,6 +223,9 @@ measure() {
         perf record -F 999 -p "$GW_PID" -o "$WORK/perf-$name.data" \
             -- sleep "$secs" >/dev/null 2>>"$WORK/perf.err" &
         perf_pid=$!
+    fi
+    if [ "$OHA_DB" = 1 ] && [[ "$name" != warm-* ]]; then
+        set -- "$@" --db-url "$WORK/$name.sqlite"
     fi
     /usr/bin/time -f '%U %S' -o "$WORK/$name.time" \
         "$OHA" --no-tui --output-format json -o "$WORK/$name.json" \

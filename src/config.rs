@@ -188,6 +188,11 @@ pub struct ServerConfig {
     /// gives them a third of a request worker's weight when both want a
     /// CPU: requests first, events still well inside their 100 ms.
     pub event_thread_nice: u8,
+    /// The time slice the request threads ask the kernel for, in
+    /// microseconds (100–100000; 0: the kernel's default). Linux 6.12 and
+    /// later: a request thread that wakes may preempt a thread inside a
+    /// longer slice instead of waiting it out. See [`crate::sched`].
+    pub request_thread_slice_us: u32,
 }
 
 impl Default for ServerConfig {
@@ -199,9 +204,13 @@ impl Default for ServerConfig {
             max_body_bytes: 10 * 1024 * 1024,
             event_threads: 0,
             event_thread_nice: 5,
+            request_thread_slice_us: DEFAULT_REQUEST_THREAD_SLICE_US,
         }
     }
 }
+
+/// `[server] request_thread_slice_us` unless set.
+pub const DEFAULT_REQUEST_THREAD_SLICE_US: u32 = 100;
 
 /// More event threads than this is a typo, not a setting.
 pub const MAX_EVENT_THREADS: u32 = 256;
@@ -664,6 +673,17 @@ impl Config {
                 "must be between 0 (the request path's priority) and 19 (the lowest)".to_owned(),
             );
         }
+        let slice = self.server.request_thread_slice_us;
+        if slice != 0 && !crate::sched::SLICE_RANGE_US.contains(&slice) {
+            return fail(
+                "server.request_thread_slice_us",
+                format!(
+                    "must be 0 (the kernel's default) or between {} and {} microseconds",
+                    crate::sched::SLICE_RANGE_US.start(),
+                    crate::sched::SLICE_RANGE_US.end()
+                ),
+            );
+        }
         if self.server.shutdown_timeout_secs == 0 {
             return fail(
                 "server.shutdown_timeout_secs",
@@ -1075,6 +1095,22 @@ mod tests {
         // A negative nice would raise the priority: not a number this key takes.
         let err = validation_error("[server]\nevent_thread_nice = -5\n");
         assert_eq!(err.key.as_deref(), Some("server.event_thread_nice"));
+    }
+
+    #[test]
+    fn the_request_thread_slice_is_0_or_within_the_kernels_range() {
+        assert_eq!(ServerConfig::default().request_thread_slice_us, 100);
+        for ok in [0, 100, 2_500, 100_000] {
+            let config =
+                parse_text(&format!("[server]\nrequest_thread_slice_us = {ok}\n")).unwrap();
+            assert_eq!(config.server.request_thread_slice_us, ok);
+        }
+        for bad in [1, 99, 100_001] {
+            let err = validation_error(&format!("[server]\nrequest_thread_slice_us = {bad}\n"));
+            assert_eq!(err.key.as_deref(), Some("server.request_thread_slice_us"));
+            assert_eq!(err.position, Some((2, 1)));
+            assert!(err.message.contains("between 100 and 100000"), "{err}");
+        }
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod pricing;
 pub mod proxy;
 pub mod reload;
+pub mod sched;
 pub mod server;
 pub mod store;
 pub mod store_watch;

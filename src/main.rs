@@ -161,14 +161,41 @@ impl From<ConfigError> for Failure {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format, matches!(cli.command, Command::Serve { .. }));
-    let runtime = match tokio::runtime::Runtime::new() {
+    // `serve` reads its configuration before the runtime starts: it says
+    // how the request threads are scheduled.
+    let (command, slice_us) = match cli.command {
+        Command::Serve { config } => match load_config(config.as_deref()) {
+            Ok((config, path)) => {
+                let slice_us = config.server.request_thread_slice_us;
+                (Run::Serve(Box::new(config), path), slice_us)
+            }
+            Err(failure) => return exit_code(Err(failure)),
+        },
+        command => (Run::Other(command), 0),
+    };
+    let runtime = match tollgate::sched::request_runtime(slice_us) {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli.command)) {
+    exit_code(runtime.block_on(async {
+        match command {
+            Run::Serve(config, path) => serve(*config, path).await,
+            Run::Other(command) => run(command).await,
+        }
+    }))
+}
+
+/// A command ready to run: `serve` with its configuration already loaded.
+enum Run {
+    Serve(Box<Config>, Option<PathBuf>),
+    Other(Command),
+}
+
+fn exit_code(result: Result<(), Failure>) -> ExitCode {
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Config(e)) => {
             eprintln!("error: {e}");
@@ -197,7 +224,10 @@ fn init_logging(format: LogFormat, serving: bool) {
 
 async fn run(command: Command) -> Result<(), Failure> {
     match command {
-        Command::Serve { config } => serve(config.as_deref()).await,
+        Command::Serve { config } => {
+            let (config, path) = load_config(config.as_deref())?;
+            serve(config, path).await
+        }
         Command::Keys { config, command } => keys(config.as_deref(), command).await,
         Command::Config {
             command: ConfigCommand::Check { file },
@@ -244,8 +274,7 @@ fn load_config(explicit: Option<&Path>) -> Result<(Config, Option<PathBuf>), Fai
     Ok((config, path))
 }
 
-async fn serve(explicit: Option<&Path>) -> Result<(), Failure> {
-    let (config, path) = load_config(explicit)?;
+async fn serve(config: Config, path: Option<PathBuf>) -> Result<(), Failure> {
     match &path {
         Some(path) => tracing::info!(file = %path.display(), "configuration loaded"),
         None => tracing::info!("no configuration file; using built-in defaults"),

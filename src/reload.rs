@@ -5,8 +5,9 @@
 //! says why.
 //!
 //! `[features.websocket]` changes apply to streams opened after the reload.
-//! `server.listen`, `database.url`, `server.event_threads` and
-//! `server.event_thread_nice` are swapped in but take effect only at the
+//! `server.listen`, `database.url`, `server.event_threads`,
+//! `server.event_thread_nice` and `server.request_thread_slice_us` are
+//! swapped in but take effect only at the
 //! next start; a warning says so.
 
 use crate::config::{self, ConfigError};
@@ -53,9 +54,10 @@ pub async fn reload(state: &AppState) -> Result<Vec<String>, ConfigError> {
                 || old.database != new.database
                 || old.server.event_threads != new.server.event_threads
                 || old.server.event_thread_nice != new.server.event_thread_nice
+                || old.server.request_thread_slice_us != new.server.request_thread_slice_us
             {
                 tracing::warn!(
-                    "server.listen, database.url and server.event_thread* changes take effect at the next start"
+                    "server.listen, database.url, server.event_thread* and server.request_thread_slice_us changes take effect at the next start"
                 );
             }
             let ws = &new.features.websocket;

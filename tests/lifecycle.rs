@@ -75,6 +75,56 @@ async fn first_start_prints_a_bootstrap_key_once_and_signals_stop_the_gateway_wi
     assert!(!stdout.contains("gw_live_"), "{stdout}");
 }
 
+/// comm → se.slice (ns) of every thread of `pid`; several threads of one
+/// name must agree.
+#[cfg(target_os = "linux")]
+fn thread_slices(pid: u32) -> std::collections::BTreeMap<String, Vec<u64>> {
+    let mut slices = std::collections::BTreeMap::<String, Vec<u64>>::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let dir = task.unwrap().path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap();
+        let sched = std::fs::read_to_string(dir.join("sched")).unwrap_or_default();
+        let slice = sched
+            .lines()
+            .find(|l| l.starts_with("se.slice"))
+            .and_then(|l| l.split(':').nth(1)?.trim().parse().ok());
+        if let Some(slice) = slice {
+            slices
+                .entry(comm.trim().to_owned())
+                .or_default()
+                .push(slice);
+        }
+    }
+    slices
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn serve_runs_requests_on_tollgate_request_threads_with_the_configured_slice() {
+    if !tollgate::sched::slices_are_honoured() {
+        eprintln!("skipped: this kernel ignores a chosen time slice (before Linux 6.12)");
+        return;
+    }
+    let workspace = Workspace::new();
+    let (process, _) = serve(&workspace).await;
+    let slices = thread_slices(process.pid());
+    // comm is cut to 15 bytes.
+    let request = &slices["tollgate-reques"];
+    // One worker per CPU, and the blocking pool's threads once used.
+    assert!(request.len() >= tollgate_workers(), "{slices:?}");
+    let wanted = u64::from(tollgate::config::DEFAULT_REQUEST_THREAD_SLICE_US) * 1_000;
+    assert!(request.iter().all(|&s| s == wanted), "{slices:?}");
+    // The event threads and the main thread keep the kernel's slice.
+    let events = &slices["tollgate-events"];
+    assert!(events.iter().all(|&s| s != wanted), "{slices:?}");
+    stop(process, "TERM").await;
+}
+
+/// Worker threads of a default tokio runtime: one per CPU.
+fn tollgate_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 #[tokio::test]
 async fn serve_exits_1_when_the_database_cannot_be_opened_without_showing_its_password() {
     let workspace = Workspace::new();

@@ -44,7 +44,7 @@ impl EventRuntime {
             .thread_name(THREAD_NAME)
             .enable_all()
             .on_thread_start(move || {
-                if let Err(error) = lower_priority(nice) {
+                if let Err(error) = crate::sched::lower_priority(nice) {
                     if !warned.swap(true, Ordering::Relaxed) {
                         tracing::warn!(%error, nice, "cannot lower the event threads' priority; they run at the request path's");
                     }
@@ -114,37 +114,6 @@ impl StreamTasks {
 fn auto_threads() -> usize {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     (cpus / 4).max(1)
-}
-
-/// Lowers the calling thread's priority by `nice` steps (capped at 19, the
-/// lowest). Raising it back would need privileges; nothing here does.
-#[cfg(target_os = "linux")]
-fn lower_priority(nice: u8) -> std::io::Result<()> {
-    if nice == 0 {
-        return Ok(());
-    }
-    // On Linux the nice value is per thread, and PRIO_PROCESS with who = 0
-    // names the calling thread (setpriority(2), BUGS). getpriority may
-    // rightly return -1, so errno tells its errors apart.
-    unsafe {
-        *libc::__errno_location() = 0;
-        let current = libc::getpriority(libc::PRIO_PROCESS, 0);
-        if current == -1 && *libc::__errno_location() != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let target = (current + i32::from(nice)).min(19);
-        if libc::setpriority(libc::PRIO_PROCESS, 0, target) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-    }
-    Ok(())
-}
-
-/// Elsewhere the nice value may be per process (it would slow the request
-/// path too), so the event threads keep the process's priority.
-#[cfg(not(target_os = "linux"))]
-fn lower_priority(_nice: u8) -> std::io::Result<()> {
-    Ok(())
 }
 
 #[cfg(all(test, target_os = "linux"))]
