@@ -25,6 +25,8 @@
 #   WAIT_QUIET [0]       before each rate, wait up to this many seconds for the
 #                        machine to be quiet (< 0.3 cores busy over 2 s)
 #   KEEP [0]             1: keep the work directory (config, DB, oha JSON, logs)
+#   SERVER_EXTRA []      TOML lines added to the gateway's [server] section (e.g.
+#                        "event_thread_nice = 0"), to measure a setting
 #   OHA_DB [0]           1: oha also writes every request of each measured run
 #                        (start, duration) to NAME.sqlite in the work directory,
 #                        to see when the slow ones happen (use with KEEP=1)
@@ -50,6 +52,7 @@ SUBSCRIBER_NICE=${SUBSCRIBER_NICE:-0}
 WAIT_QUIET=${WAIT_QUIET:-0}
 KEEP=${KEEP:-0}
 OHA_DB=${OHA_DB:-0}
+SERVER_EXTRA=${SERVER_EXTRA:-}
 OHA=${OHA:-$(command -v oha || echo "$HOME/.cargo/bin/oha")}
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -131,6 +134,7 @@ CONFIG="$WORK/tollgate.toml"
 cat >"$CONFIG" <<EOF
 [server]
 listen = "127.0.0.1:$GW_PORT"
+$SERVER_EXTRA
 
 [database]
 url = "sqlite://$WORK/tollgate.db"

@@ -184,9 +184,12 @@ pub struct ServerConfig {
     /// CPUs, at least one (see [`crate::events::runtime`]).
     pub event_threads: u32,
     /// How many nice steps below the request path those threads run
-    /// (0–19; Linux only, elsewhere they keep the process's priority). 5
-    /// gives them a third of a request worker's weight when both want a
-    /// CPU: requests first, events still well inside their 100 ms.
+    /// (0–19; Linux only, elsewhere they keep the process's priority). 0 by
+    /// default: with less weight than the request threads, the fan-out
+    /// falls behind whenever the CPUs are saturated (by requests or by
+    /// another process) and healthy subscribers lag (BENCHMARKS.md, proxy
+    /// overhead, 2026-12-02 17:15–18:45 UTC). Requests go first by their
+    /// shorter slice instead (`request_thread_slice_us`).
     pub event_thread_nice: u8,
     /// The time slice the request threads ask the kernel for, in
     /// microseconds (100–100000; 0: the kernel's default). Linux 6.12 and
@@ -203,7 +206,7 @@ impl Default for ServerConfig {
             node_name: None,
             max_body_bytes: 10 * 1024 * 1024,
             event_threads: 0,
-            event_thread_nice: 5,
+            event_thread_nice: 0,
             request_thread_slice_us: DEFAULT_REQUEST_THREAD_SLICE_US,
         }
     }
@@ -1078,13 +1081,13 @@ mod tests {
 
     #[test]
     fn event_thread_settings_have_defaults_and_bounds() {
-        let config = parse_text("[server]\nevent_threads = 2\nevent_thread_nice = 0\n").unwrap();
+        let config = parse_text("[server]\nevent_threads = 2\nevent_thread_nice = 7\n").unwrap();
         assert_eq!(
             (config.server.event_threads, config.server.event_thread_nice),
-            (2, 0)
+            (2, 7)
         );
         let defaults = ServerConfig::default();
-        assert_eq!((defaults.event_threads, defaults.event_thread_nice), (0, 5));
+        assert_eq!((defaults.event_threads, defaults.event_thread_nice), (0, 0));
         let err = validation_error("[server]\nevent_thread_nice = 20\n");
         assert_eq!(err.key.as_deref(), Some("server.event_thread_nice"));
         assert_eq!(err.position, Some((2, 1)));

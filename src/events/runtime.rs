@@ -1,16 +1,19 @@
 //! The event runtime: the work that follows a request rather than serves
 //! it — writing the ledger, fanning events out to every `/ws/events` and
-//! `/events/stream` subscriber — runs on threads of its own, at a lower
-//! CPU priority than the request path (`[server] event_threads`,
-//! `event_thread_nice`).
+//! `/events/stream` subscriber — runs on threads of its own (`[server]
+//! event_threads`), optionally at a lower CPU priority than the request
+//! path (`event_thread_nice`, 0 by default).
 //!
 //! With a hundred subscribers, each request becomes two hundred frames to
-//! write. On their own lower-priority threads the kernel runs a ready
-//! request first and the events follow in the idle time between: at 2,000
-//! req/s the gateway's p50 overhead fell by a sixth and its CPU per request
-//! by 5 %, its p99 unchanged within the VM's noise (BENCHMARKS.md, proxy
-//! overhead, 2026-12-02 13:30–15:35 UTC). A lower priority is a weight, not
-//! a ban: a saturated gateway still delivers its events, later.
+//! write. On their own threads (measured at nice 10) the gateway's p50
+//! overhead at 2,000 req/s fell by a sixth and its CPU per request by 5 %,
+//! its p99 unchanged within the VM's noise (BENCHMARKS.md, proxy overhead,
+//! 2026-12-02 13:30–15:35 UTC). A lower priority is a weight, and a small
+//! one loses: with a core taken by another process, nice 5 let healthy
+//! subscribers lag by thousands of frames where nice 0 kept them whole
+//! (2026-12-02 17:15–18:45 UTC), so requests now go first by the request
+//! threads' shorter slice ([`crate::sched`]) and the events keep an equal
+//! share.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
