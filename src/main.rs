@@ -224,10 +224,9 @@ fn init_logging(format: LogFormat, serving: bool) {
 
 async fn run(command: Command) -> Result<(), Failure> {
     match command {
-        Command::Serve { config } => {
-            let (config, path) = load_config(config.as_deref())?;
-            serve(config, path).await
-        }
+        // `main` loads serve's configuration before the runtime exists
+        // and runs it as `Run::Serve`.
+        Command::Serve { .. } => unreachable!("serve is run with its configuration loaded"),
         Command::Keys { config, command } => keys(config.as_deref(), command).await,
         Command::Config {
             command: ConfigCommand::Check { file },
