@@ -81,8 +81,7 @@ fn sse(data: &str) -> Bytes {
 }
 
 impl MockProvider {
-    fn chat(&self, request: &UpstreamRequest) -> UpstreamResponse {
-        let body = &request.body;
+    fn chat(&self, body: &Value, stream: bool) -> UpstreamResponse {
         let model = body.get("model").and_then(Value::as_str).unwrap_or("mock");
         let text = reply_text(body);
         let prompt_tokens = estimate_input(Endpoint::ChatCompletions, body);
@@ -93,7 +92,7 @@ impl MockProvider {
             "total_tokens": prompt_tokens + completion_tokens,
         });
         let id = format!("chatcmpl-mock-{:016x}", fxhash(&text));
-        if !request.stream {
+        if !stream {
             return json_response(
                 200,
                 &json!({
@@ -149,8 +148,7 @@ impl MockProvider {
         }
     }
 
-    fn embeddings(&self, request: &UpstreamRequest) -> UpstreamResponse {
-        let body = &request.body;
+    fn embeddings(&self, body: &Value) -> UpstreamResponse {
         let inputs: Vec<String> = match body.get("input") {
             Some(Value::Array(items)) => items.iter().map(|i| i.to_string()).collect(),
             Some(other) => vec![other.to_string()],
@@ -191,14 +189,21 @@ impl Provider for MockProvider {
         &self,
         request: UpstreamRequest,
     ) -> BoxFuture<'static, Result<UpstreamResponse, ProviderError>> {
-        let model = request
-            .body
+        let latency = self.latency;
+        // The gateway serialized it; a body it cannot read is the gateway's
+        // bug, answered as a provider failure rather than a panic.
+        let Ok(body) = serde_json::from_slice::<Value>(&request.body) else {
+            return futures::future::ready(Err(ProviderError::Broken(
+                "the mock provider received a request that is not JSON".to_owned(),
+            )))
+            .boxed();
+        };
+        let model = body
             .get("model")
             .and_then(Value::as_str)
             .unwrap_or_default()
             .to_owned();
         let fail = self.fails(&model);
-        let latency = self.latency;
         let answer = if fail {
             json_response(
                 500,
@@ -207,8 +212,8 @@ impl Provider for MockProvider {
             )
         } else {
             match request.endpoint {
-                Endpoint::ChatCompletions => self.chat(&request),
-                Endpoint::Embeddings => self.embeddings(&request),
+                Endpoint::ChatCompletions => self.chat(&body, request.stream),
+                Endpoint::Embeddings => self.embeddings(&body),
             }
         };
         async move {

@@ -151,37 +151,26 @@ async fn forward(
             format!("the model `{model}` does not exist on this gateway"),
         )
     })?;
-    call.routed(&route, request.clone());
+    let stream =
+        endpoint == Endpoint::ChatCompletions && request.get("stream") == Some(&Value::Bool(true));
+    let client_wants_usage =
+        request.pointer("/stream_options/include_usage") == Some(&Value::Bool(true));
+    // A stream always asks for the final usage chunk; it is removed again
+    // on the way back if the client did not ask for it.
+    let Some(object) = request.as_object() else {
+        // parse_request admits only objects, and guardrails keep them so.
+        return Err(ApiError::bad_request(
+            "invalid_json",
+            "the request body must be a JSON object",
+        ));
+    };
+    let upstream_request = UpstreamRequest::new(endpoint, object, &route.upstream_model, stream);
+    call.routed(&route, request);
+    call.audit.stream = stream;
     check_budgets(state, &key, call)?;
     let (upstream_choice, permit) = choose_upstream(&route)?;
     call.served_by(&upstream_choice.name);
-    let stream =
-        endpoint == Endpoint::ChatCompletions && request.get("stream") == Some(&Value::Bool(true));
-    call.audit.stream = stream;
-    let client_wants_usage =
-        request.pointer("/stream_options/include_usage") == Some(&Value::Bool(true));
-    request["model"] = Value::String(route.upstream_model.clone());
-    if stream {
-        // Always ask for the final usage chunk; it is removed again on the
-        // way back if the client did not ask for it.
-        match request
-            .get_mut("stream_options")
-            .and_then(Value::as_object_mut)
-        {
-            Some(options) => {
-                options.insert("include_usage".into(), Value::Bool(true));
-            }
-            None => request["stream_options"] = json!({"include_usage": true}),
-        }
-    }
-    let sent = upstream_choice
-        .provider
-        .send(UpstreamRequest {
-            endpoint,
-            body: request,
-            stream,
-        })
-        .await;
+    let sent = upstream_choice.provider.send(upstream_request).await;
     let upstream = match sent {
         Ok(upstream) => upstream,
         Err(error) => {

@@ -14,6 +14,8 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
+use serde::ser::{Serialize, SerializeMap, Serializer};
+use serde_json::{Map, Value};
 
 use crate::breaker::{CircuitBreaker, CircuitBreakerConfig};
 use crate::config::{Config, ProviderType};
@@ -42,8 +44,85 @@ impl Endpoint {
 #[derive(Debug, Clone)]
 pub struct UpstreamRequest {
     pub endpoint: Endpoint,
-    pub body: serde_json::Value,
+    /// The JSON body, serialized.
+    pub body: Bytes,
     pub stream: bool,
+}
+
+impl UpstreamRequest {
+    /// Serializes the client's `request` for the upstream without copying
+    /// it: `model` becomes `upstream_model`, and a stream asks for its
+    /// final usage chunk (`stream_options.include_usage`, other options
+    /// kept). Every other field goes as the client sent it.
+    pub fn new(
+        endpoint: Endpoint,
+        request: &Map<String, Value>,
+        upstream_model: &str,
+        stream: bool,
+    ) -> UpstreamRequest {
+        let body = serde_json::to_vec(&Overridden {
+            request,
+            model: upstream_model,
+            ask_usage: stream,
+        })
+        .expect("a JSON value serializes");
+        UpstreamRequest {
+            endpoint,
+            body: Bytes::from(body),
+            stream,
+        }
+    }
+}
+
+struct Overridden<'a> {
+    request: &'a Map<String, Value>,
+    model: &'a str,
+    ask_usage: bool,
+}
+
+impl Serialize for Overridden<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(None)?;
+        let mut model = false;
+        let mut options = false;
+        for (key, value) in self.request {
+            match key.as_str() {
+                "model" => {
+                    map.serialize_entry(key, self.model)?;
+                    model = true;
+                }
+                "stream_options" if self.ask_usage => {
+                    map.serialize_entry(key, &WithUsage(value))?;
+                    options = true;
+                }
+                _ => map.serialize_entry(key, value)?,
+            }
+        }
+        if !model {
+            map.serialize_entry("model", self.model)?;
+        }
+        if self.ask_usage && !options {
+            map.serialize_entry("stream_options", &WithUsage(&Value::Null))?;
+        }
+        map.end()
+    }
+}
+
+/// `stream_options` with `include_usage: true`: the client's other options
+/// kept when it sent an object, replaced when it sent anything else.
+struct WithUsage<'a>(&'a Value);
+
+impl Serialize for WithUsage<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(None)?;
+        if let Value::Object(options) = self.0 {
+            for (key, value) in options.iter().filter(|(k, _)| *k != "include_usage") {
+                map.serialize_entry(key, value)?;
+            }
+        }
+        map.serialize_entry("include_usage", &true)?;
+        map.end()
+    }
 }
 
 pub enum UpstreamBody {
@@ -204,5 +283,74 @@ impl Routing {
 
     pub fn providers(&self) -> &[Upstream] {
         &self.upstreams
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn sent(request: Value, stream: bool) -> Value {
+        let request = UpstreamRequest::new(
+            Endpoint::ChatCompletions,
+            request.as_object().unwrap(),
+            "up-model",
+            stream,
+        );
+        serde_json::from_slice(&request.body).unwrap()
+    }
+
+    #[test]
+    fn the_model_is_the_upstreams_and_every_other_field_goes_as_sent() {
+        let request = json!({"model": "public", "messages": [{"role": "user", "content": "hi"}],
+            "x_vendor": {"deep": [1, 2.5, null]}, "temperature": 0.2,
+            "stream_options": {"include_usage": false}});
+        let mut expected = request.clone();
+        expected["model"] = json!("up-model");
+        assert_eq!(sent(request, false), expected);
+    }
+
+    #[test]
+    fn a_stream_asks_for_usage_and_keeps_the_clients_other_options() {
+        let base = json!({"model": "public", "messages": [], "stream": true});
+        let cases = [
+            (None, json!({"include_usage": true})),
+            (
+                Some(json!({"include_usage": false})),
+                json!({"include_usage": true}),
+            ),
+            (
+                Some(json!({"include_obfuscation": false})),
+                json!({"include_obfuscation": false, "include_usage": true}),
+            ),
+            (Some(json!("not an object")), json!({"include_usage": true})),
+        ];
+        for (options, expected) in cases {
+            let mut request = base.clone();
+            if let Some(options) = options {
+                request["stream_options"] = options;
+            }
+            let body = sent(request, true);
+            assert_eq!(body["stream_options"], expected);
+            assert_eq!(body["model"], "up-model");
+            assert_eq!(body["stream"], true);
+        }
+    }
+
+    #[test]
+    fn the_body_has_each_key_once() {
+        let request = json!({"model": "public", "stream_options": {"include_usage": false}});
+        let request = UpstreamRequest::new(
+            Endpoint::ChatCompletions,
+            request.as_object().unwrap(),
+            "up-model",
+            true,
+        );
+        let text = std::str::from_utf8(&request.body).unwrap();
+        assert_eq!(text.matches("\"model\"").count(), 1);
+        assert_eq!(text.matches("\"include_usage\"").count(), 1);
+        assert_eq!(text.matches("\"stream_options\"").count(), 1);
     }
 }
