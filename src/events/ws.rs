@@ -1,11 +1,12 @@
 //! `GET /ws/events`: the event stream over WebSocket.
 //!
 //! Each connection is one task that owns its socket. Events leave in
-//! batches: every ready event is framed straight into the connection's
-//! write buffer (the envelope was serialised once, in the hub; a text frame
-//! adds a header of 2–10 bytes) and the buffer goes out in one write. A
-//! write per event caps fan-out long before the network does, and so does
-//! a per-message trip through a general WebSocket sink (BENCHMARKS.md).
+//! batches: every ready event is framed into the connection's write queue
+//! (the envelope was serialised once, in the hub, and is shared, not
+//! copied; a text frame adds a header of 2–10 bytes) and the queue goes out
+//! in one vectored write. A write per event caps fan-out long before the
+//! network does, and so does a per-message trip through a general
+//! WebSocket sink (BENCHMARKS.md).
 //! The protocol itself — client frames, masking, fragmentation, size
 //! limits, pong and close replies — is tungstenite's sans-I/O
 //! [`WebSocketContext`], fed from the same buffers.
@@ -16,7 +17,7 @@
 //! `system.shutdown`, 1008 when its key is revoked or its session ends,
 //! 1009 for a client message over 64 KiB and 1002 for a protocol error.
 
-use std::io;
+use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -27,7 +28,7 @@ use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use bytes::{Buf, BytesMut};
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, Sleep};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Control, Data, OpCode};
 use tokio_tungstenite::tungstenite::protocol::frame::{FrameHeader, Utf8Bytes};
@@ -73,6 +74,8 @@ const PROTOCOL_CHUNK: usize = 256;
 /// A write buffer that grew past this (a burst) is released after use, so
 /// an idle connection does not keep a burst's memory.
 const KEEP_WRITE_BUFFER: usize = 16 * 1024;
+/// The most buffers one `writev` takes (Linux's and macOS's `IOV_MAX`).
+const MAX_IOVECS: usize = 1024;
 /// How long a closing handshake may take before the socket is dropped.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
@@ -154,6 +157,8 @@ async fn run_connection(
         protocol: WebSocketContext::new(Role::Server, Some(config)),
         input: BytesMut::new(),
         output: Vec::new(),
+        payloads: Vec::new(),
+        payload_bytes: 0,
         delivered: metrics::counter!("tollgate_stream_frames_delivered_total", "transport" => "websocket"),
         phase: next_phase(),
         last_write: None,
@@ -190,8 +195,14 @@ struct Connection<'a> {
     protocol: WebSocketContext,
     /// Bytes read from the socket, not yet taken by `protocol`.
     input: BytesMut,
-    /// Frames waiting to be written, in order.
+    /// Bytes waiting to be written, in order: frame headers and the
+    /// protocol's own frames; each of `payloads` goes in at its offset.
     output: Vec<u8>,
+    /// Text frames' payloads (shared with every other subscriber), each
+    /// with the offset in `output` it is written at.
+    payloads: Vec<(usize, Utf8Bytes)>,
+    /// The payloads' length in all.
+    payload_bytes: usize,
     delivered: metrics::Counter,
     /// How long this connection waits before a batch under load.
     phase: Duration,
@@ -275,7 +286,7 @@ impl Connection<'_> {
                     return End::Revoked;
                 }
                 _ = ping.tick() => {
-                    put_frame(&mut self.output, OpCode::Control(Control::Ping), b"");
+                    put_header(&mut self.output, OpCode::Control(Control::Ping), 0);
                     if self.send(0, deadline.as_mut()).await.is_err() {
                         return End::ClientClosed;
                     }
@@ -313,7 +324,7 @@ impl Connection<'_> {
                         // fills meanwhile.
                         let pause = tokio::time::sleep(wait);
                         tokio::pin!(pause);
-                        while self.output.len() < MAX_BATCH_BYTES {
+                        while self.queued_bytes() < MAX_BATCH_BYTES {
                             tokio::select! {
                                 biased;
                                 _ = &mut pause => break,
@@ -326,7 +337,7 @@ impl Connection<'_> {
                         }
                     }
                     let mut yielded = false;
-                    while self.output.len() < MAX_BATCH_BYTES {
+                    while self.queued_bytes() < MAX_BATCH_BYTES {
                         match self.session.try_next() {
                             Ok(Some(out)) => {
                                 self.put(&out, &mut events);
@@ -360,29 +371,33 @@ impl Connection<'_> {
         })
     }
 
-    /// Frames one outgoing message into the write buffer as a text frame.
+    /// Queues one outgoing message as a text frame.
     fn put(&mut self, out: &Outgoing, events: &mut u64) {
-        put_frame(
-            &mut self.output,
-            OpCode::Data(Data::Text),
-            out.json().as_bytes(),
-        );
+        let payload = out.json();
+        put_header(&mut self.output, OpCode::Data(Data::Text), payload.len());
+        self.payloads.push((self.output.len(), payload.clone()));
+        self.payload_bytes += payload.len();
         if matches!(out, Outgoing::Event(_)) {
             *events += 1;
         }
     }
 
-    /// Writes the buffered frames before `deadline` and counts the `events`
+    /// Bytes queued for the next write.
+    fn queued_bytes(&self) -> usize {
+        self.output.len() + self.payload_bytes
+    }
+
+    /// Writes the queued frames before `deadline` and counts the `events`
     /// among them as delivered.
     async fn send(&mut self, events: u64, deadline: Pin<&mut Sleep>) -> Result<(), WriteError> {
-        if self.output.is_empty() {
+        if self.queued_bytes() == 0 {
             return Ok(());
         }
         self.last_write = Some(Instant::now());
         let socket = &mut self.socket;
-        let output = &self.output;
+        let mut slices = spliced(&self.output, &self.payloads);
         let write = async {
-            socket.write_all(output).await?;
+            write_all_vectored(socket, &mut slices).await?;
             socket.flush().await
         };
         tokio::select! {
@@ -391,8 +406,13 @@ impl Connection<'_> {
             _ = deadline => return Err(WriteError::TimedOut),
         }
         self.output.clear();
+        self.payloads.clear();
+        self.payload_bytes = 0;
         if self.output.capacity() > KEEP_WRITE_BUFFER {
             self.output = Vec::new();
+        }
+        if self.payloads.capacity() > KEEP_WRITE_BUFFER / 64 {
+            self.payloads = Vec::new();
         }
         self.delivered.increment(events);
         Ok(())
@@ -577,18 +597,53 @@ fn next_phase() -> Duration {
     Duration::from_millis(OPENED.fetch_add(1, Ordering::Relaxed) % SPREAD_SLOTS)
 }
 
-/// Appends one unmasked, final frame (RFC 6455 §5.2): the header, then the
-/// payload.
-fn put_frame(output: &mut Vec<u8>, opcode: OpCode, payload: &[u8]) {
+/// Appends the header of one unmasked, final frame (RFC 6455 §5.2) whose
+/// payload of `len` bytes follows it.
+fn put_header(output: &mut Vec<u8>, opcode: OpCode, len: usize) {
     let header = FrameHeader {
         opcode,
         ..FrameHeader::default()
     };
-    output.reserve(header.len(payload.len() as u64) + payload.len());
     header
-        .format(payload.len() as u64, output)
+        .format(len as u64, output)
         .expect("writing into a Vec cannot fail");
-    output.extend_from_slice(payload);
+}
+
+/// The queued bytes in order, as buffers for a vectored write: `output`
+/// with each payload spliced in at its offset.
+fn spliced<'a>(output: &'a [u8], payloads: &'a [(usize, Utf8Bytes)]) -> Vec<IoSlice<'a>> {
+    let mut slices = Vec::with_capacity(payloads.len() * 2 + 1);
+    let mut at = 0;
+    for (offset, payload) in payloads {
+        if *offset > at {
+            slices.push(IoSlice::new(&output[at..*offset]));
+            at = *offset;
+        }
+        if !payload.is_empty() {
+            slices.push(IoSlice::new(payload.as_bytes()));
+        }
+    }
+    if output.len() > at {
+        slices.push(IoSlice::new(&output[at..]));
+    }
+    slices
+}
+
+/// Writes every buffer, in order, in as few `writev` calls as the socket
+/// takes.
+async fn write_all_vectored<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    mut slices: &mut [IoSlice<'_>],
+) -> io::Result<()> {
+    while !slices.is_empty() {
+        let window = slices.len().min(MAX_IOVECS);
+        let written = writer.write_vectored(&slices[..window]).await?;
+        if written == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut slices, written);
+    }
+    Ok(())
 }
 
 /// `topics` of a subscribe/unsubscribe message, every name known.
@@ -648,5 +703,147 @@ mod tests {
             .filter(|w| w[1] == (w[0] + 1) % SPREAD_SLOTS)
             .count();
         assert!(in_turn >= phases.len() / 2, "{phases:?}");
+    }
+
+    /// A socket that takes at most `max` bytes per write and records how
+    /// many buffers each vectored write was offered.
+    struct Trickle {
+        written: Vec<u8>,
+        max: usize,
+        offered: Vec<usize>,
+    }
+
+    impl AsyncWrite for Trickle {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<io::Result<usize>> {
+            self.poll_write_vectored(cx, &[IoSlice::new(buf)])
+        }
+
+        fn poll_write_vectored(
+            mut self: Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            bufs: &[IoSlice<'_>],
+        ) -> std::task::Poll<io::Result<usize>> {
+            self.offered.push(bufs.len());
+            let mut room = self.max;
+            for buf in bufs {
+                let n = buf.len().min(room);
+                self.written.extend_from_slice(&buf[..n]);
+                room -= n;
+            }
+            std::task::Poll::Ready(Ok(self.max - room))
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+
+        fn poll_flush(
+            self: Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(
+            self: Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    /// Queues like a connection does: headers and protocol bytes into
+    /// `output`, payloads beside it; returns the bytes a plain buffer
+    /// would hold.
+    fn queue(
+        frames: &[&'static str],
+        output: &mut Vec<u8>,
+        payloads: &mut Vec<(usize, Utf8Bytes)>,
+    ) -> Vec<u8> {
+        let mut expected = Vec::new();
+        for (i, text) in frames.iter().enumerate() {
+            if i == 1 {
+                // A pong the protocol queued between two text frames.
+                output.extend_from_slice(&[0x8a, 0x00]);
+                expected.extend_from_slice(&[0x8a, 0x00]);
+            }
+            let start = output.len();
+            put_header(output, OpCode::Data(Data::Text), text.len());
+            expected.extend_from_slice(&output[start..]);
+            payloads.push((output.len(), Utf8Bytes::from_static(text)));
+            expected.extend_from_slice(text.as_bytes());
+        }
+        put_header(output, OpCode::Control(Control::Ping), 0);
+        expected.extend_from_slice(&[0x89, 0x00]);
+        expected
+    }
+
+    #[tokio::test]
+    async fn queued_frames_are_written_whole_and_in_order_across_partial_writes() {
+        let (mut output, mut payloads) = (Vec::new(), Vec::new());
+        let long: &'static str = Box::leak("x".repeat(300).into_boxed_str());
+        let expected = queue(&["{\"a\":1}", "", long, "{}"], &mut output, &mut payloads);
+        assert_eq!(
+            &expected[..2],
+            &[0x81, 7],
+            "a final text frame of 7 bytes first"
+        );
+        for max in [1, 7, 64, 100_000] {
+            let mut socket = Trickle {
+                written: Vec::new(),
+                max,
+                offered: Vec::new(),
+            };
+            let mut slices = spliced(&output, &payloads);
+            write_all_vectored(&mut socket, &mut slices).await.unwrap();
+            assert_eq!(socket.written, expected, "at most {max} bytes per write");
+            if max == 100_000 {
+                assert_eq!(
+                    socket.offered.len(),
+                    1,
+                    "one write when the socket takes it all"
+                );
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_write_offers_at_most_iov_max_buffers() {
+        let (mut output, mut payloads) = (Vec::new(), Vec::new());
+        let frames = vec!["{\"type\":\"e\"}"; 1500];
+        let expected = queue(&frames, &mut output, &mut payloads);
+        let mut socket = Trickle {
+            written: Vec::new(),
+            max: usize::MAX,
+            offered: Vec::new(),
+        };
+        let mut slices = spliced(&output, &payloads);
+        assert!(slices.len() > 2 * MAX_IOVECS);
+        write_all_vectored(&mut socket, &mut slices).await.unwrap();
+        assert_eq!(socket.written, expected);
+        assert_eq!(
+            socket.offered,
+            [MAX_IOVECS, MAX_IOVECS, slices.len() - 2 * MAX_IOVECS]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_socket_that_takes_nothing_is_an_error() {
+        let (mut output, mut payloads) = (Vec::new(), Vec::new());
+        queue(&["{}"], &mut output, &mut payloads);
+        let mut socket = Trickle {
+            written: Vec::new(),
+            max: 0,
+            offered: Vec::new(),
+        };
+        let mut slices = spliced(&output, &payloads);
+        let error = write_all_vectored(&mut socket, &mut slices)
+            .await
+            .unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::WriteZero);
     }
 }
