@@ -4,7 +4,7 @@
 //!
 //! `/ws/events` does its own upgrade rather than axum's `WebSocketUpgrade`
 //! because it needs the raw connection: events are framed into the
-//! connection's write buffer directly (see `ws.rs`), while tungstenite's
+//! connection's write queue directly (see `ws.rs`), while tungstenite's
 //! sans-I/O `WebSocketContext` still does the protocol (reading client
 //! frames, pong and close replies).
 
