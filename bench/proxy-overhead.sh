@@ -362,6 +362,14 @@ for r in rows:
     print(f"| {r['round']} | {r['rate']} | {r['direct_p50']} ms | {r['direct_p99']} ms | {r['gateway_p50']} ms | {r['gateway_p99']} ms | "
           f"**{r['overhead_p50']} ms** | **{r['overhead_p99']} ms** | {r['direct_ok']} | {r['gateway_ok']} | "
           f"{r['gw_cpu_us_per_req']} µs | {r['subs_cpu_us_per_req']} µs | {r['gw_run_cores']} | {r['other_cores']} | {r['steal_cores']} | {r['loadavg']} |")
+# Stolen time stalls every thread of the VM at once: such a run's p99
+# measures the host (BENCHMARKS.md, 2026-12-03).
+stolen = [f"round {r['round']} at {r['rate']} req/s" for r in rows
+          if max(map(float, r['steal_cores'].split(' / '))) > 0.05]
+if stolen:
+    print()
+    print("WARNING: more than 0.05 cores stolen by the hypervisor in " + ", ".join(stolen)
+          + ": their latencies are the host's, not the gateway's")
 PY
 echo
 LOSS_STATUS=0
