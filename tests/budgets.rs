@@ -220,6 +220,24 @@ async fn a_keys_own_budget_from_the_admin_api_blocks_that_key() {
         .unwrap()
         .to_owned();
     assert!(message.contains("does not reset"), "{message}");
+    // A refused stream is audited as the stream it asked to be.
+    let refused = http
+        .post(server.url("/v1/chat/completions"))
+        .bearer_auth(key)
+        .json(&json!({"model": "mock-1", "stream": true,
+            "messages": [{"role": "user", "content": PROMPT}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 402);
+    let request_id = refused.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let audit = server.audit_record(&request_id).await["payload"].clone();
+    assert_eq!(audit["status"], 402);
+    assert_eq!(audit["error"], "budget_exceeded");
+    assert_eq!(audit["stream"], true);
     let bad = http
         .post(server.url("/admin/v1/keys"))
         .bearer_auth(&server.admin_key)

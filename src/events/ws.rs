@@ -74,6 +74,9 @@ const PROTOCOL_CHUNK: usize = 256;
 /// A write buffer that grew past this (a burst) is released after use, so
 /// an idle connection does not keep a burst's memory.
 const KEEP_WRITE_BUFFER: usize = 16 * 1024;
+/// Likewise for the queue of payload references (40 bytes each: an offset
+/// and a shared reference).
+const KEEP_QUEUED_FRAMES: usize = 256;
 /// The most buffers one `writev` takes (Linux's and macOS's `IOV_MAX`).
 const MAX_IOVECS: usize = 1024;
 /// How long a closing handshake may take before the socket is dropped.
@@ -411,7 +414,7 @@ impl Connection<'_> {
         if self.output.capacity() > KEEP_WRITE_BUFFER {
             self.output = Vec::new();
         }
-        if self.payloads.capacity() > KEEP_WRITE_BUFFER / 64 {
+        if self.payloads.capacity() > KEEP_QUEUED_FRAMES {
             self.payloads = Vec::new();
         }
         self.delivered.increment(events);
