@@ -683,6 +683,65 @@ async fn an_upstream_server_error_is_502_upstream_error() {
 }
 
 #[tokio::test]
+async fn an_upstream_redirect_is_not_followed_and_is_502_naming_only_its_origin() {
+    let upstream = Upstream::start().await;
+    let server = gateway(&upstream).await;
+    let key = server.create_key("app", false).await;
+    let key_id = server.key_id(&key).await;
+    let mut events = Events::open(&server, &server.admin_key, "audit.request").await;
+
+    // Followed, a 307 would resend the request (with the provider's key)
+    // to wherever it points; the upstream here would then see a second
+    // request, answered 500 as unscripted.
+    let elsewhere = format!(
+        "{}/elsewhere/chat/completions?token=s3cret",
+        upstream.base_url()
+    );
+    for (n, (status, stream)) in [(307, false), (301, true)].into_iter().enumerate() {
+        upstream.push(Reply::Redirect(status, elsewhere.clone()));
+        let body = if stream {
+            stream_body("hello")
+        } else {
+            chat_body("hello")
+        };
+        let response = post(&server, CHAT, Some(&key), &body).await;
+        let (id, message) = assert_error(
+            response,
+            StatusCode::BAD_GATEWAY,
+            "upstream_error",
+            "upstream_error",
+        )
+        .await;
+        assert_eq!(
+            upstream.requests().len(),
+            n + 1,
+            "the redirect was not followed"
+        );
+        let origin = upstream.base_url().trim_end_matches("/v1").to_owned();
+        assert!(
+            message.contains(&format!("answered HTTP {status}, a redirect to {origin};")),
+            "{message}"
+        );
+        assert!(message.contains("base_url"), "{message}");
+        assert!(
+            !message.contains("elsewhere") && !message.contains("s3cret"),
+            "{message}"
+        );
+        assert_failure_recorded(
+            &server,
+            &mut events,
+            &id,
+            key_id,
+            502,
+            stream,
+            "upstream_error",
+        )
+        .await;
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_hanging_upstream_is_504_upstream_timeout_after_the_providers_timeout() {
     let upstream = Upstream::start().await;
     upstream.push(Reply::Hang);

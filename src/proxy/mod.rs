@@ -301,6 +301,13 @@ fn provider_error(provider: &str, error: ProviderError) -> ApiError {
             "upstream_error",
             format!("the provider `{provider}` answered with a broken response: {cause}"),
         ),
+        ProviderError::Redirected { status, to } => ApiError::bad_gateway(
+            "upstream_error",
+            format!(
+                "the provider `{provider}` answered HTTP {status}, a redirect{}; redirects are not followed: set the provider's base_url to the address it redirects to",
+                to.map(|to| format!(" to {to}")).unwrap_or_default()
+            ),
+        ),
     }
 }
 

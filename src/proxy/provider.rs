@@ -144,6 +144,12 @@ pub enum ProviderError {
     Timeout,
     #[error("the provider's answer broke off: {0}")]
     Broken(String),
+    /// The provider answered with a redirect, which is not followed: a
+    /// POST turned into a GET, or the provider's key sent to another host,
+    /// is worse than a clear error. `to` is the target's origin (scheme,
+    /// host and port: never its path or query), where it could be read.
+    #[error("the provider answered HTTP {status}, a redirect")]
+    Redirected { status: u16, to: Option<String> },
 }
 
 pub trait Provider: Send + Sync {

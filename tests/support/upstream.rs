@@ -56,6 +56,8 @@ pub enum Reply {
     Raw(u16, &'static str, String),
     /// `text/event-stream` with status 200, step by step.
     Stream(Vec<Step>),
+    /// A redirect with this status to this `Location`.
+    Redirect(u16, String),
     /// Never answer (the request hangs until the client gives up; its
     /// probe says `cancelled` once the client has).
     Hang,
@@ -214,6 +216,11 @@ async fn handle(
     match reply {
         Reply::Json(status, body) => respond(status, "application/json", body.to_string()),
         Reply::Raw(status, content_type, body) => respond(status, content_type, body),
+        Reply::Redirect(status, location) => Response::builder()
+            .status(status)
+            .header(header::LOCATION, location)
+            .body(Body::empty())
+            .unwrap(),
         Reply::Hang => {
             shared.probes.lock().unwrap().push(probe.clone());
             let _guard = StreamBody {
