@@ -103,6 +103,12 @@ free_port() {
     python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
 }
 
+# Write system calls (write, writev…) a process has made so far.
+write_calls() {
+    [ -n "$1" ] || { echo 0; return; }
+    awk '/^syscw:/ { print $2 }' "/proc/$1/io"
+}
+
 # CPU seconds (user+system, all threads) a process has used so far.
 cpu_secs() {
     [ -n "$1" ] || { echo 0; return; }
@@ -220,12 +226,13 @@ wait_quiet() {
 
 # measure NAME URL RATE SECS [extra oha args…]: one oha run → $WORK/NAME.json,
 # and $WORK/NAME.cpu: "machine gateway subscribers upstream oha steal" CPU
-# cores busy (stolen) on average during the run.
+# cores busy (stolen) on average during the run, then the gateway's write
+# system calls per second.
 measure() {
     local name=$1 url=$2 rate=$3 secs=$4
     shift 4
-    local m0 g0 s0 u0 m1 g1 s1 u1 t0 t1 st0 st1 perf_pid=
-    st0=$(machine_steal); m0=$(machine_busy); g0=$(cpu_secs "$GW_PID"); s0=$(cpu_secs "$SUB_PID"); u0=$(cpu_secs "$UP_PID")
+    local m0 g0 s0 u0 m1 g1 s1 u1 t0 t1 st0 st1 w0 w1 perf_pid=
+    w0=$(write_calls "$GW_PID"); st0=$(machine_steal); m0=$(machine_busy); g0=$(cpu_secs "$GW_PID"); s0=$(cpu_secs "$SUB_PID"); u0=$(cpu_secs "$UP_PID")
     t0=$(date +%s.%N)
     if [ "$PERF" = 1 ] && [[ "$name" == gateway-* ]]; then
         perf record -F 999 -p "$GW_PID" -o "$WORK/perf-$name.data" \
@@ -242,15 +249,16 @@ measure() {
         -m POST -T application/json -d "$BODY" "$@" "$url" 2>>"$WORK/oha.err"
     t1=$(date +%s.%N)
     st1=$(machine_steal); m1=$(machine_busy); g1=$(cpu_secs "$GW_PID"); s1=$(cpu_secs "$SUB_PID"); u1=$(cpu_secs "$UP_PID")
+    w1=$(write_calls "$GW_PID")
     if [ -n "$perf_pid" ]; then
         wait "$perf_pid" || true
         perf report -i "$WORK/perf-$name.data" --no-children --sort dso,sym \
             --percent-limit 0.5 --stdio >"$WORK/perf-$name.txt" 2>>"$WORK/perf.err" || true
     fi
-    awk -v m=$((m1 - m0)) -v st=$((st1 - st0)) -v hz="$HZ" -v g0="$g0" -v g1="$g1" -v s0="$s0" -v s1="$s1" \
+    awk -v m=$((m1 - m0)) -v st=$((st1 - st0)) -v wr=$((w1 - w0)) -v hz="$HZ" -v g0="$g0" -v g1="$g1" -v s0="$s0" -v s1="$s1" \
         -v u0="$u0" -v u1="$u1" -v t0="$t0" -v t1="$t1" -v oha="$(tail -1 "$WORK/$name.time")" \
         'BEGIN { split(oha, o, " "); w = t1 - t0;
-                 printf "%.2f %.2f %.2f %.2f %.2f %.2f\n", m / hz / w, (g1 - g0) / w, (s1 - s0) / w, (u1 - u0) / w, (o[1] + o[2]) / w, st / hz / w }' \
+                 printf "%.2f %.2f %.2f %.2f %.2f %.2f %.0f\n", m / hz / w, (g1 - g0) / w, (s1 - s0) / w, (u1 - u0) / w, (o[1] + o[2]) / w, st / hz / w, wr / w }' \
         >"$WORK/$name.cpu"
 }
 
@@ -277,7 +285,7 @@ account_gateway() {
 }
 
 RESULTS="$WORK/results.tsv"
-printf 'round\trate\tdirect_p50\tdirect_p99\tgateway_p50\tgateway_p99\toverhead_p50\toverhead_p99\tdirect_ok\tgateway_ok\tgw_cpu_us_per_req\tsubs_cpu_us_per_req\tgw_run_cores\tother_cores\tsteal_cores\tloadavg\n' >"$RESULTS"
+printf 'round\trate\tdirect_p50\tdirect_p99\tgateway_p50\tgateway_p99\toverhead_p50\toverhead_p99\tdirect_ok\tgateway_ok\tgw_cpu_us_per_req\tgw_writes_per_req\tsubs_cpu_us_per_req\tgw_run_cores\tother_cores\tsteal_cores\tloadavg\n' >"$RESULTS"
 
 for round in $(seq "$ROUNDS"); do
     for rate in $RATES; do
@@ -298,14 +306,15 @@ for round in $(seq "$ROUNDS"); do
 import sys
 r, rate, d50, d99, g50, g99, dok, gok, dcpu, gcpu, per_sec, load = sys.argv[1:]
 d50, d99, g50, g99 = map(float, (d50, d99, g50, g99))
-dm, dg, ds, du, do, dst = map(float, dcpu.split())
-gm, gg, gs, gu, go, gst = map(float, gcpu.split())
+dm, dg, ds, du, do, dst, _ = map(float, dcpu.split())
+gm, gg, gs, gu, go, gst, gw = map(float, gcpu.split())
 # CPU (cores) used by processes other than this benchmark's (and by the
 # kernel outside them), during each run; stolen time is its own column.
 other = max(dm - dst - dg - ds - du - do, gm - gst - gg - gs - gu - go, 0.0)
 print("\t".join([r, rate, "%.3f" % d50, "%.3f" % d99, "%.3f" % g50, "%.3f" % g99,
                  "%.3f" % (g50 - d50), "%.3f" % (g99 - d99), dok, gok,
-                 "%.0f" % (gg / float(per_sec) * 1e6), "%.0f" % (gs / float(per_sec) * 1e6),
+                 "%.0f" % (gg / float(per_sec) * 1e6), "%.1f" % (gw / float(per_sec)),
+                 "%.0f" % (gs / float(per_sec) * 1e6),
                  "%.2f gw + %.2f subs + %.2f up + %.2f oha" % (gg, gs, gu, go), "%.2f" % other,
                  "%.2f / %.2f" % (dst, gst), load]))
 PY
@@ -356,12 +365,12 @@ echo
 python3 - "$RESULTS" <<'PY'
 import csv, sys
 rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
-print("| round | rate (req/s) | direct p50 | direct p99 | gateway p50 | gateway p99 | overhead p50 | overhead p99 | ok/total direct | ok/total gateway | gateway CPU/req | subscribers CPU/req | cores busy in gateway run | other load (cores) | steal (cores) | loadavg |")
-print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+print("| round | rate (req/s) | direct p50 | direct p99 | gateway p50 | gateway p99 | overhead p50 | overhead p99 | ok/total direct | ok/total gateway | gateway CPU/req | gateway write calls/req | subscribers CPU/req | cores busy in gateway run | other load (cores) | steal (cores) | loadavg |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 for r in rows:
     print(f"| {r['round']} | {r['rate']} | {r['direct_p50']} ms | {r['direct_p99']} ms | {r['gateway_p50']} ms | {r['gateway_p99']} ms | "
           f"**{r['overhead_p50']} ms** | **{r['overhead_p99']} ms** | {r['direct_ok']} | {r['gateway_ok']} | "
-          f"{r['gw_cpu_us_per_req']} µs | {r['subs_cpu_us_per_req']} µs | {r['gw_run_cores']} | {r['other_cores']} | {r['steal_cores']} | {r['loadavg']} |")
+          f"{r['gw_cpu_us_per_req']} µs | {r['gw_writes_per_req']} | {r['subs_cpu_us_per_req']} µs | {r['gw_run_cores']} | {r['other_cores']} | {r['steal_cores']} | {r['loadavg']} |")
 # Stolen time stalls every thread of the VM at once: such a run's p99
 # measures the host (BENCHMARKS.md, 2026-12-03).
 stolen = [f"round {r['round']} at {r['rate']} req/s" for r in rows
