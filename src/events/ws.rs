@@ -43,6 +43,7 @@ use super::model::Topic;
 use super::session::{self, Outgoing, StreamSession};
 use super::upgrade::{Upgrade, Upgraded};
 use crate::error::ApiError;
+use crate::ledger::MIN_COMMIT_INTERVAL;
 use crate::server::AppState;
 
 /// The largest client message accepted; larger ones close with 1009.
@@ -57,13 +58,15 @@ const SMALL_BATCH: usize = 16;
 /// [`BUSY_WINDOW`]) a connection woken by events writes them only after its
 /// phase: 0 to `SPREAD_SLOTS - 1` ms, by the order connections opened in,
 /// taking further events into the batch meanwhile. A burst of events (the
-/// ledger publishes a batch at most every 10 ms) then makes the
-/// subscribers' writes over several milliseconds instead of all at once,
+/// ledger publishes a batch at most every [`MIN_COMMIT_INTERVAL`], 20 ms;
+/// the phases cover four fifths of it, and a connection that wrote within
+/// two intervals counts as busy) then makes the subscribers' writes over
+/// several milliseconds instead of all at once,
 /// so requests are not queued behind a hundred writes, and each write
 /// carries more events. Not when a quarter of the channel is already
 /// waiting, and never past [`MAX_BATCH_BYTES`].
-const SPREAD_SLOTS: u64 = 8;
-const BUSY_WINDOW: Duration = Duration::from_millis(20);
+const SPREAD_SLOTS: u64 = MIN_COMMIT_INTERVAL.as_millis() as u64 * 4 / 5;
+const BUSY_WINDOW: Duration = Duration::from_millis(2 * MIN_COMMIT_INTERVAL.as_millis() as u64);
 /// Bytes read from the socket at a time. Clients send little (pongs,
 /// subscribe messages); an idle connection keeps this much.
 const READ_CHUNK: usize = 2 * 1024;
