@@ -349,9 +349,11 @@ else
     mkdir -p "$WORK/ids"
     : >"$WORK/ids/audit-ids.txt"
     : >"$WORK/ids/usage-ids.txt"
+    : >"$WORK/ids/audit-received.txt"
 fi
 
 rows 'SELECT request_id FROM usage_ledger' | sort >"$WORK/ledger-ids.txt"
+rows 'SELECT request_id, at FROM usage_ledger' >"$WORK/ledger-at.txt"
 sort "$WORK/ids/audit-ids.txt" >"$WORK/sub0-audit-sorted.txt"
 sort "$WORK/ids/usage-ids.txt" >"$WORK/sub0-usage-sorted.txt"
 
@@ -412,6 +414,20 @@ if sub is not None:
         sub_audit == ledger_ids and sub_usage == ledger_ids and len(set(ledger_ids)) == len(ledger_ids), f"{len(set(ledger_ids))} distinct"),
     ("lagged frames / missed events", sub["lagged_frames"] == 0 and sub["missed"] == 0, f"{sub['lagged_frames']} / {sub['missed']}"),
 ]
+    # The promise: a subscriber sees a request's events within 100 ms of its
+    # response's end (the ledger's `at`, in ms, taken as the request
+    # finishes; arrival in µs, same clock). Subscriber 0's audit.request.
+    finished = {}
+    for line in open(f"{work}/ledger-at.txt"):
+        rid, _, at = line.strip().partition("|")
+        finished[rid] = int(at)
+    delays = sorted(int(us) / 1000 - finished[rid]
+                    for rid, us in (line.split() for line in open(f"{work}/ids/audit-received.txt") if line.strip())
+                    if rid in finished)
+    if delays:
+        at = lambda q: delays[min(len(delays) - 1, int(len(delays) * q))]
+        checks.append(("audit.request at subscriber 0 within 100 ms of the request's end (p50 / p99 / max)",
+                       delays[-1] <= 100, "%.1f / %.1f / %.1f ms" % (at(0.5), at(0.99), delays[-1])))
 print("| loss check | result | value |")
 print("|---|---|---|")
 for name, ok, value in checks:

@@ -104,7 +104,9 @@ enum Command {
         #[arg(long, default_value_t = 1000)]
         quiet_ms: u64,
         /// Write subscriber 0's request ids here (audit-ids.txt,
-        /// usage-ids.txt, one per line, in arrival order).
+        /// usage-ids.txt, one per line, in arrival order), and when each
+        /// `audit.request` arrived (audit-received.txt: `ID MICROS`, micros
+        /// since the Unix epoch).
         #[arg(long)]
         ids_dir: Option<PathBuf>,
     },
@@ -198,6 +200,10 @@ struct Counts {
     closed_early: bool,
     #[serde(skip)]
     audit_ids: Vec<String>,
+    /// When each of `audit_ids` arrived: microseconds since the Unix epoch
+    /// (the wall clock, which the ledger's `at` is taken from as well).
+    #[serde(skip)]
+    audit_received_us: Vec<i64>,
     #[serde(skip)]
     usage_ids: Vec<String>,
 }
@@ -317,6 +323,11 @@ async fn subscribe(
         std::fs::create_dir_all(dir)?;
         std::fs::write(dir.join("audit-ids.txt"), lines(&first.audit_ids))?;
         std::fs::write(dir.join("usage-ids.txt"), lines(&first.usage_ids))?;
+        let mut received = String::with_capacity(first.audit_ids.len() * 54);
+        for (id, at) in first.audit_ids.iter().zip(&first.audit_received_us) {
+            received.push_str(&format!("{id} {at}\n"));
+        }
+        std::fs::write(dir.join("audit-received.txt"), received)?;
     }
     let first = all[0].clone();
     let report = Report {
@@ -410,6 +421,9 @@ fn count_frame(text: &[u8], keep_ids: bool, counts: &mut Counts) {
                 }
                 if keep_ids {
                     counts.audit_ids.push(id());
+                    counts
+                        .audit_received_us
+                        .push(chrono::Utc::now().timestamp_micros());
                 }
             } else {
                 counts.usage_recorded += 1;
@@ -479,6 +493,12 @@ mod tests {
         assert_eq!((counts.audit_request, counts.audit_request_ok), (2, 1));
         assert_eq!(counts.usage_recorded, 1);
         assert_eq!(counts.audit_ids, ["req_a", "req_b"]);
+        let now = chrono::Utc::now().timestamp_micros();
+        assert_eq!(counts.audit_received_us.len(), 2);
+        assert!(counts
+            .audit_received_us
+            .iter()
+            .all(|at| (now - 5_000_000..=now).contains(at)));
         assert_eq!(counts.usage_ids, ["req_a"]);
         assert_eq!(
             counts.audit_checksum,
