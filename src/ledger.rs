@@ -44,8 +44,8 @@ fn batch_limit(smallest_channel_capacity: usize) -> usize {
 /// 2,000 requests/s it turns ~1,000 commits of one or two rows into 50 of
 /// forty, and each subscriber's hundreds of small writes into fewer,
 /// fuller ones. 5, 10 and 20 ms were measured (BENCHMARKS.md): from 10 to
-/// 20 ms the gateway's CPU per request fell by 13 % at 2,000 req/s and by
-/// 28 % at 500, its write calls by a third. The events are at most this
+/// 20 ms the gateway's CPU per request fell by 7–13 % at 2,000 req/s and
+/// by 28 % at 500, its write calls by a third. The events are at most this
 /// much later (plus a subscriber's spread phase, [`crate::events::ws`]),
 /// well inside the 100 ms they are promised in.
 pub const MIN_COMMIT_INTERVAL: Duration = Duration::from_millis(20);
