@@ -275,6 +275,7 @@ async fn write_batch(
             }
         }
         hub.publish(finished.audit);
+        crate::sched::offer_cpu();
     }
     for crossing in crossings {
         hub.publish(match crossing {
