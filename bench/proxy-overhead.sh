@@ -19,6 +19,9 @@
 #   UPSTREAM_THREADS [1] worker threads of the upstream
 #   SUBSCRIBER_NICE [0]  nice level of the subscriber process (19: it yields the
 #                        cores to the gateway, roughly as if it ran elsewhere)
+#   SUBSCRIBER_SCHED [other]  scheduling policy of the subscriber process, as
+#                        chrt names it (idle: SCHED_IDLE, it runs only on a
+#                        CPU nothing else wants)
 #   SKIP_BUILD [0]       1: use the existing target/release binaries
 #   PERF [0]             1: record a perf profile of the gateway during each
 #                        measured gateway run (perf-gateway-ROUND-RATE.txt; KEEP=1)
@@ -49,6 +52,7 @@ UPSTREAM_THREADS=${UPSTREAM_THREADS:-1}
 SKIP_BUILD=${SKIP_BUILD:-0}
 PERF=${PERF:-0}
 SUBSCRIBER_NICE=${SUBSCRIBER_NICE:-0}
+SUBSCRIBER_SCHED=${SUBSCRIBER_SCHED:-other}
 WAIT_QUIET=${WAIT_QUIET:-0}
 KEEP=${KEEP:-0}
 OHA_DB=${OHA_DB:-0}
@@ -181,7 +185,7 @@ GW_URL="$GW/v1/chat/completions"
 # ---------------------------------------------------------------- subscribers
 SUB_PID=
 if [ "$SUBSCRIBERS" -gt 0 ]; then
-    PROXY_BENCH_TOKEN=$ADMIN nice -n "$SUBSCRIBER_NICE" "$BIN/proxy-bench-upstream" subscribe \
+    PROXY_BENCH_TOKEN=$ADMIN chrt "--$SUBSCRIBER_SCHED" 0 nice -n "$SUBSCRIBER_NICE" "$BIN/proxy-bench-upstream" subscribe \
         --url "ws://127.0.0.1:$GW_PORT/ws/events" --count "$SUBSCRIBERS" \
         --max-secs 3600 --quiet-ms 1000 --ids-dir "$WORK/ids" \
         >"$WORK/subscribers.out" 2>"$WORK/subscribers.err" &
@@ -362,7 +366,7 @@ echo
 echo "## proxy overhead ($(date -u +%FT%TZ), $(nproc) cores, loadavg now $(cut -d' ' -f1-3 /proc/loadavg))"
 echo "source: $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)$(git -C "$ROOT" diff --quiet HEAD -- src 2>/dev/null || echo " + uncommitted changes in: $(git -C "$ROOT" diff --name-only HEAD -- src | tr '\n' ' ')"); gateway: $TOLLGATE_BIN"
 echo "CPU columns: averages over the measured run; \"other load\" = machine CPU minus this benchmark's processes and stolen time (the larger of the direct and gateway runs); \"steal\" = CPU time the hypervisor took from this VM (direct run / gateway run): runs with steal are disturbed from outside"
-echo "oha: -c $CONNECTIONS --worker-threads $OHA_THREADS -z ${DURATION}s -w, warm-up ${WARMUP}s; subscribers: $SUBSCRIBERS (admin key, all topics, nice $SUBSCRIBER_NICE)"
+echo "oha: -c $CONNECTIONS --worker-threads $OHA_THREADS -z ${DURATION}s -w, warm-up ${WARMUP}s; subscribers: $SUBSCRIBERS (admin key, all topics, nice $SUBSCRIBER_NICE, policy $SUBSCRIBER_SCHED)"
 echo
 python3 - "$RESULTS" <<'PY'
 import csv, sys
