@@ -2,8 +2,8 @@
 //! HTTP upstream that fails on command: the walks closed → open →
 //! half_open → closed and → open again, exactly one
 //! `circuit_breaker.state_changed` per transition (also under concurrent
-//! load), what counts as a failure (5xx, timeouts, refused connections;
-//! not 4xx; 429 only with `count_429`), fallbacks while open, and
+//! load), what counts as a failure (5xx, timeouts, refused connections,
+//! redirects; not 4xx; 429 only with `count_429`), fallbacks while open, and
 //! `GET /admin/v1/providers`.
 //!
 //! The breaker's `open_secs` is 1 where a test walks through half-open (the
@@ -217,6 +217,21 @@ fn opened(last: &str) -> Move {
         &format!("3 consecutive failures (last: {last})"),
         3,
     )
+}
+
+/// Sends three requests one after another, each answered 502 with `code`
+/// and a message that starts with `message_start`.
+async fn fail_with_502(server: &TestServer, key: &str, code: &str, message_start: &str) {
+    for _ in 0..3 {
+        let message = expect_error(
+            server.chat(key, "up-model", PROMPT).await,
+            502,
+            "upstream_error",
+            code,
+        )
+        .await;
+        assert!(message.starts_with(message_start), "{message}");
+    }
 }
 
 /// Sends `n` requests one after another, each answered 502 for `status`.
@@ -732,19 +747,13 @@ async fn refused_connections_count_as_failures() {
     let server = start(&format!("http://{closed}/v1"), breaker(3, 60), |_| {}).await;
     let key = server.create_key("app", false).await;
     let mut client = subscribe(&server).await;
-    for _ in 0..3 {
-        let message = expect_error(
-            server.chat(&key, "up-model", PROMPT).await,
-            502,
-            "upstream_error",
-            "upstream_unreachable",
-        )
-        .await;
-        assert!(
-            message.starts_with("cannot connect to the provider `up`: "),
-            "{message}"
-        );
-    }
+    fail_with_502(
+        &server,
+        &key,
+        "upstream_unreachable",
+        "cannot connect to the provider `up`: ",
+    )
+    .await;
     let events = until_marker(&server, &mut client).await;
     let got = moves(&events);
     assert_eq!(got.len(), 1, "{got:?}");
@@ -763,5 +772,30 @@ async fn refused_connections_count_as_failures() {
         "{reason}"
     );
     expect_503(server.chat(&key, "up-model", PROMPT).await, 60).await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn redirects_count_as_failures() {
+    // A redirect is not followed (it would resend the prompt elsewhere, or
+    // turn a POST into a GET): the provider moved or base_url is wrong, a
+    // failure like a 5xx.
+    let up = FlakyUpstream::start(307).await;
+    let server = start(&up.base_url(), breaker(3, 60), |_| {}).await;
+    let key = server.create_key("app", false).await;
+    let mut client = subscribe(&server).await;
+    fail_with_502(
+        &server,
+        &key,
+        "upstream_error",
+        "the provider `up` answered HTTP 307, a redirect",
+    )
+    .await;
+    assert_eq!(
+        moves(&until_marker(&server, &mut client).await),
+        [opened("the provider answered HTTP 307, a redirect")]
+    );
+    expect_503(server.chat(&key, "up-model", PROMPT).await, 60).await;
+    assert_eq!(up.hits(), 3);
     server.shutdown().await;
 }
