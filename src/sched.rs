@@ -126,9 +126,8 @@ fn own_nice() -> std::io::Result<i32> {
 /// generator woken meanwhile on that CPU waited it out, since the kernel
 /// preempts a running thread only at a wake-up that favours the woken one
 /// or at its tick (every 4 ms at `CONFIG_HZ=250`). Offering the CPU every
-/// 200 µs lowered the overhead p99 at 2,000 req/s with 100 subscribers in
-/// every pair measured, by 40 % at the median (BENCHMARKS.md, proxy
-/// overhead, 2026-12-04).
+/// 200 µs lowered the overhead p99 at 2,000 req/s with 100 subscribers by
+/// a third (BENCHMARKS.md, proxy overhead, 2026-12-04).
 pub const EVENT_TURN: Duration = Duration::from_micros(200);
 
 /// [`offer_cpu`] reads the clock on every this many calls: it is called
