@@ -275,7 +275,6 @@ async fn write_batch(
             }
         }
         hub.publish(finished.audit);
-        crate::sched::offer_cpu();
     }
     for crossing in crossings {
         hub.publish(match crossing {

@@ -1,14 +1,10 @@
 //! How the gateway's threads ask the kernel to schedule them: the event
 //! threads a lower priority (`[server] event_thread_nice`), the request
-//! threads a shorter time slice (`[server] request_thread_slice_us`), and
-//! the event threads give a CPU up after a short turn ([`offer_cpu`]).
+//! threads a shorter time slice (`[server] request_thread_slice_us`).
 //!
-//! The first two are Linux settings of the calling thread; elsewhere they
-//! do nothing. None needs privileges: a thread may lower its own priority,
-//! choose its own slice and yield.
-
-use std::cell::Cell;
-use std::time::{Duration, Instant};
+//! Both are Linux settings of the calling thread; elsewhere they do nothing.
+//! Neither needs privileges: a thread may lower its own priority and choose
+//! its own slice.
 
 /// Thread name of the request runtime's workers (in `top -H`, `perf`).
 pub const REQUEST_THREAD_NAME: &str = "tollgate-request";
@@ -120,64 +116,6 @@ fn own_nice() -> std::io::Result<i32> {
     }
 }
 
-/// How long an event thread runs before it offers its CPU to a thread
-/// waiting for one. The ledger's publishing and the fan-out of a batch to
-/// a hundred subscribers run for 1–2 ms at a time; a request or the load
-/// generator woken meanwhile on that CPU waited it out, since the kernel
-/// preempts a running thread only at a wake-up that favours the woken one
-/// or at its tick (every 4 ms at `CONFIG_HZ=250`). Offering the CPU every
-/// 200 µs lowered the overhead p99 at 2,000 req/s with 100 subscribers by
-/// a third (BENCHMARKS.md, proxy overhead, 2026-12-04).
-pub const EVENT_TURN: Duration = Duration::from_micros(200);
-
-/// [`offer_cpu`] reads the clock on every this many calls: it is called
-/// per event per subscriber, and one turn holds hundreds of those.
-const CALLS_PER_CLOCK_READ: u32 = 4;
-
-thread_local! {
-    /// When the calling thread's current turn on a CPU began (`None`: not
-    /// yet known, taken as the first call), and calls since the last clock
-    /// read.
-    static TURN: Cell<(Option<Instant>, u32)> = const { Cell::new((None, 0)) };
-}
-
-/// Marks the calling thread as having just got a CPU (the event runtime's
-/// workers call it when they wake).
-pub fn turn_begins() {
-    TURN.set((Some(Instant::now()), 0));
-}
-
-/// Called along long work of an event thread (per event, per write): once
-/// the thread has run [`EVENT_TURN`] since its turn began, it yields
-/// (`sched_yield`), so that a thread waiting for this CPU runs first, and
-/// begins a new turn. With nothing waiting the yield returns at once, and
-/// the thread keeps its fair share either way: unlike a lower priority,
-/// this never leaves the event threads behind under load. Returns whether
-/// it yielded.
-pub fn offer_cpu() -> bool {
-    let (began, calls) = TURN.get();
-    if calls + 1 < CALLS_PER_CLOCK_READ {
-        TURN.set((began, calls + 1));
-        return false;
-    }
-    let now = Instant::now();
-    match began {
-        Some(began) if now.duration_since(began) >= EVENT_TURN => {
-            std::thread::yield_now();
-            turn_begins();
-            true
-        }
-        Some(began) => {
-            TURN.set((Some(began), 0));
-            false
-        }
-        None => {
-            TURN.set((Some(now), 0));
-            false
-        }
-    }
-}
-
 /// Builds the runtime that serves requests: `tollgate-request` workers,
 /// each asking for a slice of `slice_us` (0: the kernel's default). A
 /// refused setting is logged once and the runtime runs without it.
@@ -197,60 +135,6 @@ pub fn request_runtime(slice_us: u32) -> std::io::Result<tokio::runtime::Runtime
             }
         })
         .build()
-}
-
-#[cfg(test)]
-mod turn_tests {
-    use super::*;
-
-    /// Calls [`offer_cpu`] until it yields (within a second); how long
-    /// that took.
-    fn run_until_offered() -> Duration {
-        let started = Instant::now();
-        while !offer_cpu() {
-            assert!(
-                started.elapsed() < Duration::from_secs(1),
-                "offer_cpu never yielded"
-            );
-        }
-        started.elapsed()
-    }
-
-    #[test]
-    fn the_cpu_is_offered_once_a_turn_is_over_and_a_new_turn_begins() {
-        std::thread::spawn(|| {
-            turn_begins();
-            let turn = run_until_offered();
-            assert!(turn >= EVENT_TURN, "yielded after {turn:?}");
-            // A new turn began with the yield: the next calls, made well
-            // inside it, keep the CPU.
-            let began = Instant::now();
-            let yielded = (0..4 * CALLS_PER_CLOCK_READ).any(|_| offer_cpu());
-            if began.elapsed() < EVENT_TURN / 2 {
-                assert!(!yielded, "yielded again inside a new turn");
-            }
-            // Waking (a new turn) starts the count again.
-            std::thread::sleep(EVENT_TURN * 2);
-            turn_begins();
-            let began = Instant::now();
-            let yielded = (0..4 * CALLS_PER_CLOCK_READ).any(|_| offer_cpu());
-            if began.elapsed() < EVENT_TURN / 2 {
-                assert!(!yielded, "the time asleep counted as running");
-            }
-        })
-        .join()
-        .expect("the test thread finishes");
-    }
-
-    #[test]
-    fn a_thread_that_never_marked_a_turn_starts_one_at_its_first_call() {
-        std::thread::spawn(|| {
-            let turn = run_until_offered();
-            assert!(turn >= EVENT_TURN, "yielded after {turn:?}");
-        })
-        .join()
-        .expect("the test thread finishes");
-    }
 }
 
 #[cfg(all(test, target_os = "linux"))]

@@ -13,9 +13,7 @@
 //! subscribers lag by thousands of frames where nice 0 kept them whole
 //! (2026-12-02 17:15–18:45 UTC), so requests now go first by the request
 //! threads' shorter slice ([`crate::sched`]) and the events keep an equal
-//! share. What the event threads do give up is holding a CPU for long: they
-//! offer it every [`crate::sched::EVENT_TURN`] of work
-//! ([`crate::sched::offer_cpu`], along every event, write and publish).
+//! share.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -48,7 +46,6 @@ impl EventRuntime {
             .worker_threads(threads)
             .thread_name(THREAD_NAME)
             .enable_all()
-            .on_thread_unpark(crate::sched::turn_begins)
             .on_thread_start(move || {
                 if let Err(error) = crate::sched::lower_priority(nice) {
                     if !warned.swap(true, Ordering::Relaxed) {

@@ -214,9 +214,6 @@ impl StreamSession {
         &mut self,
         received: Result<Arc<StoredEvent>, Option<RecvError>>,
     ) -> Result<Option<Outgoing>, SessionEnd> {
-        // Every event passes here, on an event thread: a burst for many
-        // subscribers is long work.
-        crate::sched::offer_cpu();
         match received {
             Ok(event) => {
                 self.last_seen = event.id;

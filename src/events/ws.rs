@@ -400,7 +400,6 @@ impl Connection<'_> {
             return Ok(());
         }
         self.last_write = Some(Instant::now());
-        crate::sched::offer_cpu();
         let socket = &mut self.socket;
         let mut slices = spliced(&self.output, &self.payloads);
         let write = async {
